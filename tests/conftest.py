@@ -1,0 +1,36 @@
+"""Shared fixtures: small JPEG payloads and a local Ray for the tests marked `ray`."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def make_jpeg(seed: int = 0, size: tuple[int, int] = (112, 112), quality: int = 90) -> bytes:
+    """A small JPEG with some texture (so it is not a trivially tiny file)."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    base = rng.integers(0, 200, 3)
+    pixels = base + rng.normal(0, 25, (height, width, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def jpeg_bytes() -> bytes:
+    return make_jpeg()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray for one test module: started once, shut down after (workers are slow to start)."""
+    ray = pytest.importorskip("ray")
+    from pipeline.raydata import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
