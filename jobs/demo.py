@@ -1,6 +1,6 @@
 """The embedded default, end to end on a generated corpus: generate -> ingest (Ray Data) -> split.
 
-    python -m jobs.demo [--out demo_run] [--per-class 20] [--seed 0]
+    python -m jobs.demo [--out demo_run] [--per-class 20] [--seed 0] [--corpus-size default|tiny]
 
 Starts a local Ray in-process (or joins RAY_ADDRESS under `ray job submit`), writes the demo corpus
 in the four real on-disk formats under `<out>/corpus`, ingests each through the real readers into
@@ -11,13 +11,14 @@ identical existing corpus and rewrites the outputs in place.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 
 from pipeline import config, ingest, schema, storage
-from pipeline.demo.corpus import DemoCorpusConfig, write_demo_corpus
+from pipeline.demo.corpus import PRESETS, DemoCorpusConfig, write_demo_corpus
 from pipeline.raydata import RayDataExecutor, cluster_cpus
 from pipeline.readers import make_reader
 from pipeline.split import make_split
@@ -48,12 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--corpus-seed", type=int, default=0)
+    parser.add_argument("--corpus-size", choices=sorted(PRESETS), default="default")
     arguments = parser.parse_args(argv)
 
     corpus_folder = storage.join(arguments.out, "corpus")
     shard_folder = storage.join(arguments.out, "shards")
     split_folder = storage.join(arguments.out, "split")
-    prepare_corpus(corpus_folder, DemoCorpusConfig(seed=arguments.corpus_seed))
+    corpus_config = dataclasses.replace(PRESETS[arguments.corpus_size], seed=arguments.corpus_seed)
+    prepare_corpus(corpus_folder, corpus_config)
 
     parallelism = cluster_cpus()
     executor = RayDataExecutor()

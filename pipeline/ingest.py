@@ -59,10 +59,10 @@ def run_sequentially(task: UnitTask, units: list[Any]) -> Iterator[UnitResult]:
 class Progress:
     """One line per finished unit: how far, how fast, how much skipped."""
 
-    def __init__(self, label: str, total_units: int, stream=sys.stderr) -> None:
+    def __init__(self, label: str, total_units: int, stream=None) -> None:
         self.label = label
         self.total_units = total_units
-        self.stream = stream
+        self.stream = stream  # None: whatever sys.stderr is when a line is printed
         self.started = time.perf_counter()
         self.done = self.rows = self.bytes = self.skipped = 0
 
@@ -76,7 +76,7 @@ class Progress:
             f"[{self.label}] {self.done}/{self.total_units} units  {self.rows:,} rows  "
             f"{self.bytes / 1e6:,.1f} MB  {self.skipped:,} skipped  "
             f"{self.rows / elapsed:,.0f} rows/s  {self.bytes / 1e6 / elapsed:,.1f} MB/s",
-            file=self.stream, flush=True,
+            file=self.stream or sys.stderr, flush=True,
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -31,6 +32,17 @@ def local_ray():
     ray = pytest.importorskip("ray")
     from pipeline.raydata import ensure_ray
 
+    # Workers must import test-defined readers and this package: they inherit the driver's env.
+    saved = os.environ.get("PYTHONPATH")
+    here = os.path.dirname(os.path.abspath(__file__))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [here, os.path.dirname(here)] + ([saved] if saved else []))
     ensure_ray(num_cpus=2)
-    yield ray
-    ray.shutdown()
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved

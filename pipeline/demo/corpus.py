@@ -308,3 +308,14 @@ def write_demo_corpus(root: str, cfg: DemoCorpusConfig | None = None,
         rng = np.random.default_rng([cfg.seed, index])
         corpus.counts[source] = WRITERS[source](corpus.source_root(source), cfg, rng)
     return corpus
+
+
+# Named sizes: "default" for `make demo`, "tiny" for tests that run the whole chain in seconds.
+PRESETS: dict[str, DemoCorpusConfig] = {
+    "default": DemoCorpusConfig(),
+    "tiny": DemoCorpusConfig(
+        train_videos=3, validation_videos=1, two_person_videos=1, frames_per_video=(24, 40),
+        segment_frames=(6, 16), affectnet_train=60, affectnet_validation=12, expw_images=20,
+        ms1mv2_identities=12, ms1mv2_images=150,
+    ),
+}

@@ -90,18 +90,17 @@ class Ms1mv2Reader(SourceReader):
         selected, selected_offsets, selected_limits = (
             selected[by_offset], selected_offsets[by_offset], selected_limits[by_offset])
 
-        units = []
-        sizes = np.maximum(selected_limits - selected_offsets, 0)
-        # Cut units at ~unit_bytes of record data (one unit becomes one shard file), but into at
-        # least `min_units` (the cluster's CPUs) so a small corpus still uses every core.
-        unit_bytes = max(1, min(self.unit_bytes, -(-int(sizes.sum()) // max(1, self.min_units))))
-        start = 0
-        while start < selected.size:
-            cumulative = np.cumsum(sizes[start:])
-            stop = start + max(1, int(np.searchsorted(cumulative, unit_bytes, side="right")))
-            units.append(Unit(selected[start:stop], selected_offsets[start:stop],
-                              selected_limits[start:stop]))
-            start = stop
+        # Cut into units of at most ~unit_bytes of record data (one unit becomes one shard file),
+        # and into at least `min_units` (the cluster's CPUs) so a small corpus uses every core;
+        # cuts fall at equal byte fractions so units come out the same size.
+        cumulative = np.cumsum(np.maximum(selected_limits - selected_offsets, 0))
+        total = int(cumulative[-1]) if cumulative.size else 0
+        count = min(selected.size, max(self.min_units, -(-total // max(1, self.unit_bytes)), 1))
+        targets = total * np.arange(1, count) / count
+        cuts = np.unique(np.searchsorted(cumulative, targets, side="left") + 1)
+        bounds = [0, *[int(cut) for cut in cuts if 0 < cut < selected.size], selected.size]
+        units = [Unit(selected[start:stop], selected_offsets[start:stop], selected_limits[start:stop])
+                 for start, stop in zip(bounds[:-1], bounds[1:]) if stop > start]
         return Plan(units, skipped, details={
             "rec_bytes": file_size,
             "index_entries": int(keys.size),
