@@ -1,0 +1,1 @@
+"""Single-process training around the method core: config, data, input path, loop, checkpoints."""

@@ -1,0 +1,168 @@
+"""The typed training configuration: one recipe file per paper setup, `--set key=value` overrides.
+
+Unknown keys and bad values fail before any work starts, with the key's path. The same config
+runs in one process (`jobs.train`) and on Ray Train (`scaling.num_workers > 0`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from pipeline import config as typed
+from pipeline.methods.base import OptimizerConfig, find_method
+from pipeline.models import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    split: str = ""
+    """The `jobs.split` output folder (local or s3://): labeled/, validation/, unlabeled/."""
+    image_size: int = 112
+    """Side of the square network input."""
+    resize: int | None = None
+    """Resize to this before a random crop of `image_size` (ABAW6: 256 -> 224); None: resize to
+    `image_size` directly (ABAW5)."""
+    labeled_batch: int = 32
+    unlabeled_ratio: int = 1
+    """µ: unlabeled images per labeled image in a step."""
+    use_unlabeled: bool = True
+    """False trains SSL methods without the unlabeled pool (for ablations)."""
+    unlabeled_sources: list[str] = field(default_factory=list)
+    """Restrict the unlabeled pool to these sources (empty: all of the pool)."""
+    labeled_pseudo_labels: str | None = None
+    """A `jobs.pseudolabel` output whose accepted rows join the labeled set (closing the loop)."""
+    colour_jitter: float = 0.4
+    """Strength of the weak view's brightness/contrast/saturation jitter (hue gets a quarter)."""
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 9
+    random_erasing: float = 0.0
+    """Probability of random erasing in the strong view (the ABAW6 text adds it)."""
+    shuffle_buffer: int = 4096
+    """Unlabeled rows held for shuffling the stream."""
+    decode_threads: int = 2
+
+    def __post_init__(self) -> None:
+        typed.check(self.image_size >= 16, "data.image_size", "must be at least 16")
+        typed.check(self.resize is None or self.resize >= self.image_size, "data.resize",
+                    "must be at least data.image_size")
+        typed.check(self.labeled_batch >= 1, "data.labeled_batch", "must be at least 1")
+        typed.check(self.unlabeled_ratio >= 0, "data.unlabeled_ratio", "must be >= 0")
+
+
+@dataclass
+class EvaluationConfig:
+    windows: list[int] = field(default_factory=lambda: [10])
+    """Sliding-window sizes reported for smoothed validation macro-F1 (ABAW5: 10, ABAW6: 30)."""
+    mode: str = "centred"
+    """centred or block."""
+    batch_size: int = 128
+    every_epochs: int = 1
+
+    def __post_init__(self) -> None:
+        typed.check(self.mode in ("centred", "block"), "evaluation.mode", "centred or block")
+        typed.check(all(window >= 1 for window in self.windows), "evaluation.windows", "all >= 1")
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    storage: str = "runs"
+    """Folder (local or s3://) under which `<name>/` holds checkpoints and metrics."""
+    epochs: int = 10
+    steps_per_epoch: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    """auto (CUDA when available), cpu or cuda."""
+    precision: str = "fp32"
+    """fp32 or bf16."""
+    checkpoints_to_keep: int = 2
+    resume: bool = True
+    """Continue from the latest checkpoint of the same run name if there is one."""
+
+    def __post_init__(self) -> None:
+        typed.check(self.epochs >= 1, "run.epochs", "must be at least 1")
+        typed.check(self.steps_per_epoch >= 1, "run.steps_per_epoch", "must be at least 1")
+        typed.check(self.device in ("auto", "cpu", "cuda"), "run.device", "auto, cpu or cuda")
+        typed.check(self.precision in ("fp32", "bf16"), "run.precision", "fp32 or bf16")
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 0
+    """0: one process (no Ray Train); N: N Ray Train workers."""
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 3
+
+
+@dataclass
+class TrainConfig:
+    method: str = "supervised"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    """Options of the chosen method (validated against its own Options dataclass)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+
+    def method_class(self):
+        return find_method(self.method)
+
+    def options(self):
+        """The method's typed options (unknown keys fail with `method_options.<key>`)."""
+        return typed.from_mapping(self.method_class().Options, self.method_options, "method_options")
+
+    @property
+    def total_steps(self) -> int:
+        return self.run.epochs * self.run.steps_per_epoch
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (['a', 'b', 'c'], value parsed as YAML, so numbers/bools/lists work)."""
+    if "=" not in text:
+        raise typed.ConfigError(f"--set {text!r}: expected key=value")
+    key, value = text.split("=", 1)
+    if not key.strip():
+        raise typed.ConfigError(f"--set {text!r}: empty key")
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def apply_overrides(mapping: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    result = copy.deepcopy(mapping)
+    for override in overrides:
+        path, value = parse_override(override)
+        node = result
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise typed.ConfigError(f"--set {override!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> TrainConfig:
+    """Recipe YAML (or `base`) + overrides -> a validated TrainConfig."""
+    mapping: dict[str, Any] = dict(base or {})
+    if path:
+        with open(path) as handle:
+            loaded = yaml.safe_load(handle) or {}
+        if not isinstance(loaded, dict):
+            raise typed.ConfigError(f"{path}: a recipe must be a mapping")
+        mapping.update(loaded)
+    mapping = apply_overrides(mapping, overrides or [])
+    config = typed.from_mapping(TrainConfig, mapping)
+    config.options()  # validate the method's own options now, not mid-run
+    return config
+
+
+def to_mapping(config: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,154 @@
+"""Training data read straight from a split (no Ray): the labeled and validation sets in memory as
+encoded bytes, and the unlabeled pool as an endless, shuffled stream over the source shards.
+
+Images stay JPEG bytes until a batch is drawn, so a 120k-image labeled set costs its file size
+in memory, not 120k decoded frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import schema, shards, split, storage
+
+
+@dataclass
+class ImageTable:
+    """Rows of a shard folder held in memory: image bytes and the metadata training needs."""
+
+    images: pa.BinaryArray
+    labels: np.ndarray
+    sample_ids: list[str]
+    videos: np.ndarray
+    frames: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take_images(self, indices: np.ndarray) -> list[bytes]:
+        return self.images.take(pa.array(indices, pa.int64())).to_pylist()
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> "ImageTable":
+        table = table.combine_chunks()
+        videos = table[schema.VIDEO].to_numpy(zero_copy_only=False)
+        frames = table[schema.FRAME].fill_null(0).to_numpy()
+        return cls(
+            images=table[schema.IMAGE].chunk(0) if table.num_rows else pa.array([], pa.binary()),
+            labels=table[schema.LABEL].to_numpy().astype(np.int64),
+            sample_ids=table[schema.SAMPLE_ID].to_pylist(),
+            videos=np.asarray([video if video is not None else "" for video in videos], dtype=object),
+            frames=frames.astype(np.int64),
+        )
+
+
+def read_shard_folder(folder: str) -> ImageTable:
+    """Every row of a complete shard folder (refuses one without a manifest), in file order."""
+    manifest = shards.Manifest.load(folder)
+    tables = []
+    for uri in manifest.file_uris(folder):
+        fs, path = storage.filesystem(uri)
+        tables.append(pq.read_table(path, filesystem=fs))
+    table = pa.concat_tables(tables) if tables else schema.SHARD_SCHEMA.empty_table()
+    return ImageTable.from_table(table)
+
+
+def read_labeled(split_dir: str) -> ImageTable:
+    split.load_split(split_dir)  # refuses a split that did not finish
+    table = read_shard_folder(storage.join(split_dir, split.LABELED))
+    if len(table) == 0:
+        raise ValueError(f"{split_dir}: the labeled set is empty")
+    return table
+
+
+def read_validation(split_dir: str) -> ImageTable:
+    return read_shard_folder(storage.join(split_dir, split.VALIDATION))
+
+
+class UnlabeledStream:
+    """An endless stream of unlabeled image bytes over the pool's source shards.
+
+    Each pass visits the pool's files in a fresh seeded order (this rank's share of them when
+    several workers read), filters each record batch to the pool with `split.unlabeled_mask`, and
+    shuffles within blocks of `shuffle_buffer` rows. The position is checkpointed at record-batch
+    granularity, so a resumed run continues with the next unseen batch.
+    """
+
+    def __init__(self, split_dir: str, seed: int, shuffle_buffer: int = 4096,
+                 sources: list[str] | None = None, rank: int = 0, world_size: int = 1,
+                 read_rows: int = 1024) -> None:
+        self.pool = split.load_unlabeled_pool(split_dir)
+        if not self.pool.file_uris:
+            raise ValueError(f"{split_dir}: the unlabeled pool is empty")
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.sources = list(sources or [])
+        self.rank = rank
+        self.world_size = world_size
+        self.read_rows = read_rows
+        self.pass_number = 0
+        self.batches_done = 0  # record batches consumed in this pass (for resuming)
+        self._iterator: Iterator[bytes] | None = None
+
+    def _files_for_pass(self, pass_number: int) -> list[str]:
+        order = np.random.default_rng([self.seed, pass_number]).permutation(len(self.pool.file_uris))
+        files = [self.pool.file_uris[index] for index in order]
+        mine = files[self.rank::self.world_size]
+        return mine or files  # fewer files than workers: share rather than starve
+
+    def _record_batches(self, pass_number: int) -> Iterator[pa.Table]:
+        columns = [schema.SAMPLE_ID, schema.IMAGE, schema.SOURCE, schema.SPLIT]
+        for uri in self._files_for_pass(pass_number):
+            fs, path = storage.filesystem(uri)
+            with fs.open(path, "rb") as handle:
+                for batch in pq.ParquetFile(handle).iter_batches(batch_size=self.read_rows,
+                                                                 columns=columns):
+                    table = pa.Table.from_batches([batch])
+                    mask = split.unlabeled_mask(table, self.pool.excluded_ids)
+                    if self.sources:
+                        mask = pc.and_(mask, pc.is_in(table[schema.SOURCE],
+                                                      value_set=pa.array(self.sources)))
+                    yield table.filter(mask)
+
+    def _images(self) -> Iterator[bytes]:
+        while True:
+            rng = np.random.default_rng([self.seed, self.pass_number, self.rank, 1])
+            skip = self.batches_done
+            buffer: list[bytes] = []
+            produced = 0
+            for number, table in enumerate(self._record_batches(self.pass_number)):
+                if number < skip:
+                    continue
+                buffer.extend(table[schema.IMAGE].to_pylist())
+                self.batches_done = number + 1
+                if len(buffer) >= self.shuffle_buffer:
+                    for index in rng.permutation(len(buffer)):
+                        yield buffer[index]
+                    produced += len(buffer)
+                    buffer = []
+            for index in rng.permutation(len(buffer)):
+                yield buffer[index]
+            produced += len(buffer)
+            if produced == 0 and skip == 0:
+                raise ValueError("the unlabeled pool has no row for this worker and filter")
+            self.pass_number += 1
+            self.batches_done = 0
+
+    def take(self, count: int) -> list[bytes]:
+        if self._iterator is None:
+            self._iterator = self._images()
+        return [next(self._iterator) for _ in range(count)]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"pass_number": self.pass_number, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.pass_number = int(state["pass_number"])
+        self.batches_done = int(state["batches_done"])
+        self._iterator = None

@@ -1,0 +1,287 @@
+"""The training loop around any registered method: epochs of steps, the per-epoch threshold sync
+over the whole labeled set, validation, metrics and checkpoints.
+
+Pure PyTorch. The Ray Train adapter runs this same loop per worker, passing torch.distributed
+`Collectives`, its rank and a `report` callback; nothing here knows about Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from pipeline import schema, storage
+from pipeline.methods.base import Collectives, Method, MethodContext
+from pipeline.sampler import ClassBalancedSampler
+from pipeline.thresholds import ClassStatistics
+from pipeline.training import checkpoint
+from pipeline.training.config import TrainConfig, to_mapping
+from pipeline.training.data import ImageTable, UnlabeledStream, read_labeled, read_validation
+from pipeline.training.evaluate import predict_table, validation_report
+from pipeline.training.inputs import InputPipeline
+
+METRICS_LINES = "metrics.jsonl"
+FINAL_METRICS = "metrics.json"
+
+Reporter = Callable[[dict[str, Any], str | None], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device is cuda but no CUDA device is visible")
+    return torch.device(name)
+
+
+def sync_threshold_statistics(statistics: ClassStatistics, collectives: Collectives) -> ClassStatistics:
+    """Sum one epoch's per-class sums and counts over every worker, so each applies the same update."""
+    summed = collectives.all_reduce_sum(statistics.as_tensor())
+    return ClassStatistics.from_tensor(summed)
+
+
+@dataclass
+class EpochTotals:
+    steps: int = 0
+    images: int = 0
+    candidates: int = 0
+    undecodable: int = 0
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.losses: dict[str, float] = {}
+        self.accepted = torch.zeros(schema.NUM_CLASSES, dtype=torch.float64)
+
+    def add_losses(self, losses: dict[str, float]) -> None:
+        for name, value in losses.items():
+            self.losses[name] = self.losses.get(name, 0.0) + float(value)
+
+
+class Trainer:
+    """Trains `config` in this process; `fit()` returns the final metrics."""
+
+    def __init__(self, config: TrainConfig, collectives: Collectives | None = None, rank: int = 0,
+                 world_size: int = 1, report: Reporter | None = None,
+                 run_folder: str | None = None) -> None:
+        self.config = config
+        self.collectives = collectives or Collectives()
+        self.rank = rank
+        self.world_size = world_size
+        self.report = report
+        self.run_folder = run_folder or storage.join(config.run.storage, config.run.name)
+        self.device = resolve_device(config.run.device)
+        seed = config.run.seed
+        torch.manual_seed(seed * 1000 + rank)
+        self.numpy_generator = np.random.default_rng([seed, rank])
+
+        self.labeled: ImageTable = read_labeled(config.data.split)
+        self.validation: ImageTable = read_validation(config.data.split)
+        method_class = config.method_class()
+        context = MethodContext(model=config.model, optimizer=config.optimizer,
+                                total_steps=config.total_steps, device=self.device,
+                                precision=config.run.precision, collectives=self.collectives)
+        self.method: Method = method_class(config.options(), context)
+        needs = method_class.views
+        self.unlabeled = None
+        if needs.unlabeled and config.data.use_unlabeled and config.data.unlabeled_ratio > 0:
+            self.unlabeled = UnlabeledStream(config.data.split, seed, config.data.shuffle_buffer,
+                                             config.data.unlabeled_sources, rank, world_size)
+        self.sampler = ClassBalancedSampler(self.labeled.labels,
+                                            config.run.steps_per_epoch * config.data.labeled_batch,
+                                            seed, rank=rank, world_size=world_size)
+        self.inputs = InputPipeline(config.data, needs, self.labeled, self.unlabeled, self.device,
+                                    seed * 1000 + rank)
+        self.epoch = 0
+        self.global_step = 0
+        self.history: list[dict[str, Any]] = []
+
+    # --------------------------------------------------------------------------- checkpoints
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "method": self.method.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "unlabeled": self.unlabeled.state_dict() if self.unlabeled else {},
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "rng": checkpoint.rng_state(self.numpy_generator),
+            "input_rng": checkpoint.rng_state(self.inputs.rng),
+            "history": json.dumps(self.history),
+            "config": json.dumps(to_mapping(self.config)),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.method.load_state_dict(state["method"])
+        self.sampler.load_state_dict(state["sampler"])
+        if self.unlabeled and state["unlabeled"]:
+            self.unlabeled.load_state_dict(state["unlabeled"])
+        self.epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        checkpoint.restore_rng_state(state["rng"], self.numpy_generator)
+        checkpoint.restore_rng_state(state["input_rng"], self.inputs.rng)
+        self.history = json.loads(state["history"])
+
+    def resume_if_possible(self, uri: str | None = None) -> bool:
+        uri = uri or (checkpoint.latest(self.run_folder) if self.config.run.resume else None)
+        if not uri:
+            return False
+        self.load_state(checkpoint.load(uri, map_location=self.device))
+        return True
+
+    # --------------------------------------------------------------------------- one epoch
+
+    def train_epoch(self) -> EpochTotals:
+        totals = EpochTotals()
+        batch_size = self.config.data.labeled_batch
+        indices = self.sampler.indices(self.epoch)
+        batches = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
+        batches = batches[:self.config.run.steps_per_epoch]
+        started = time.perf_counter()
+        self.inputs.prefetch(batches[0])
+        for number, batch_indices in enumerate(batches):
+            following = batches[number + 1] if number + 1 < len(batches) else None
+            batch, undecodable = self.inputs.next(batch_indices, following)
+            result = self.method.train_step(batch, self.global_step)
+            self.global_step += 1
+            totals.steps += 1
+            totals.undecodable += undecodable
+            totals.images += len(batch.labels) + (len(batch.unlabeled_weak)
+                                                  if batch.unlabeled_weak is not None else 0)
+            totals.add_losses(result.losses)
+            if result.accepted is not None:
+                totals.accepted += result.accepted.detach().double().cpu()
+                totals.candidates += result.candidates
+            if not all(math.isfinite(value) for value in result.losses.values()):
+                raise FloatingPointError(f"non-finite loss at step {self.global_step}: {result.losses}")
+        totals.seconds = time.perf_counter() - started
+        return totals
+
+    @torch.no_grad()
+    def update_thresholds(self) -> None:
+        """Score the whole labeled set with the method's threshold network and apply one update.
+
+        Every worker scores its own slice of the labeled set; the per-class sums and counts are
+        summed over workers, so all of them apply the identical, whole-set update.
+        """
+        if self.method.thresholds() is None:
+            return
+        model = self.method.threshold_model()
+        was_training = model.training
+        model.eval()
+        slice_indices = np.arange(self.rank, len(self.labeled), self.world_size)
+        total: ClassStatistics | None = None
+        batch_size = self.config.evaluation.batch_size
+        for start in range(0, len(slice_indices), batch_size):
+            indices = slice_indices[start:start + batch_size]
+            images, ok = self.inputs.evaluation_images(self.labeled.take_images(indices))
+            if not ok.any():
+                continue
+            keep = torch.from_numpy(ok).to(self.device)
+            with self.method.autocast():
+                probabilities = model(self.method.prepare(images[keep])).float().softmax(dim=1)
+            labels = torch.from_numpy(self.labeled.labels[indices][ok]).to(self.device)
+            statistics = self.method.threshold_statistics(probabilities, labels).to("cpu")
+            total = statistics if total is None else total + statistics
+        model.train(was_training)
+        if total is None:
+            total = ClassStatistics.zeros(schema.NUM_CLASSES)
+        self.method.update_thresholds(sync_threshold_statistics(total, self.collectives), self.epoch)
+
+    def evaluate(self) -> dict[str, Any]:
+        probabilities = predict_table(self.validation, self.method.predict,
+                                      self.inputs.evaluation_images, self.config.evaluation.batch_size)
+        return validation_report(self.validation, probabilities, self.config.evaluation.windows,
+                                 self.config.evaluation.mode)
+
+    # --------------------------------------------------------------------------- the run
+
+    def epoch_metrics(self, totals: EpochTotals, validation: dict[str, Any] | None) -> dict[str, Any]:
+        thresholds = self.method.thresholds()
+        accepted = totals.accepted
+        return {
+            "epoch": self.epoch,
+            "step": self.global_step,
+            "losses": {name: value / max(1, totals.steps) for name, value in totals.losses.items()},
+            "learning_rates": [group["lr"] for optimizer in _optimizers(self.method)
+                               for group in optimizer.param_groups],
+            "thresholds": thresholds.tolist() if thresholds is not None else None,
+            "pseudo_label_acceptance_rate": (float(accepted.sum() / totals.candidates)
+                                             if totals.candidates else None),
+            "pseudo_label_histogram": accepted.long().tolist() if totals.candidates else None,
+            "images_per_second": totals.images / max(totals.seconds, 1e-9),
+            "undecodable_images": totals.undecodable,
+            "validation": validation,
+        }
+
+    def write_metrics(self) -> None:
+        if self.rank != 0:
+            return
+        lines = "".join(json.dumps(record) + "\n" for record in self.history)
+        storage.write_bytes_atomic(storage.join(self.run_folder, METRICS_LINES), lines.encode())
+
+    def fit(self) -> dict[str, Any]:
+        self.resume_if_possible()
+        config = self.config
+        try:
+            while self.epoch < config.run.epochs:
+                totals = self.train_epoch()
+                self.epoch += 1
+                self.update_thresholds()
+                validation = None
+                if self.epoch % config.evaluation.every_epochs == 0 or self.epoch == config.run.epochs:
+                    validation = self.evaluate()
+                record = self.epoch_metrics(totals, validation)
+                self.history.append(record)
+                self.write_metrics()
+                saved = None
+                if self.rank == 0:
+                    saved = checkpoint.save(self.run_folder, self.epoch, self.state(),
+                                            config.run.checkpoints_to_keep)
+                if self.report:
+                    self.report(record, saved)
+                _log(record)
+        finally:
+            self.inputs.close()
+        final = self.final_metrics()
+        if self.rank == 0:
+            storage.write_json_atomic(storage.join(self.run_folder, FINAL_METRICS), final)
+        return final
+
+    def final_metrics(self) -> dict[str, Any]:
+        evaluated = [record for record in self.history if record["validation"]]
+        last = evaluated[-1] if evaluated else None
+        best = max(evaluated, key=lambda record: record["validation"]["macro_f1"]) if evaluated else None
+        return {
+            "method": self.config.method,
+            "run": self.config.run.name,
+            "epochs": self.epoch,
+            "steps": self.global_step,
+            "final": last,
+            "best_epoch": best["epoch"] if best else None,
+            "best_macro_f1": best["validation"]["macro_f1"] if best else None,
+            "config": to_mapping(self.config),
+        }
+
+
+def _optimizers(method: Method) -> list[torch.optim.Optimizer]:
+    return [value for value in vars(method).values() if isinstance(value, torch.optim.Optimizer)]
+
+
+def _log(record: dict[str, Any]) -> None:
+    validation = record["validation"] or {}
+    smoothed = validation.get("smoothed") or {}
+    parts = [f"epoch {record['epoch']}", f"step {record['step']}",
+             f"loss {record['losses'].get('loss', float('nan')):.4f}",
+             f"{record['images_per_second']:.0f} img/s"]
+    if record["pseudo_label_acceptance_rate"] is not None:
+        parts.append(f"accepted {record['pseudo_label_acceptance_rate']:.2f}")
+    if validation:
+        parts.append(f"val macro-F1 {validation['macro_f1']:.4f}")
+        parts += [f"smoothed@{window} {value['macro_f1']:.4f}" for window, value in smoothed.items()]
+    print("[train] " + "  ".join(parts), flush=True)
