@@ -33,6 +33,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--executor", choices=("ray", "local"), default="ray",
                         help="ray: Ray Data tasks (default); local: one process, for debugging")
     parser.add_argument("--cpus-per-task", type=float, default=1.0)
+    parser.add_argument("--min-units", type=int, default=None,
+                        help="cut ms1mv2 into at least this many tasks (default: the cluster's CPUs "
+                             "now; set it on an autoscaling cluster that starts with few nodes)")
     parser.add_argument("--max-skipped-fraction", type=float, default=0.5,
                         help="fail (writing no manifest) when more records than this are skipped")
     return parser.parse_args(argv)
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     reader = make_reader(arguments.source, arguments.root, fraction=arguments.fraction,
                          seed=arguments.seed, full_decode=arguments.full_decode,
                          unit_bytes=int(max_file_bytes * 0.9),  # room for Parquet overhead
-                         min_units=parallelism)
+                         min_units=arguments.min_units or parallelism)
     try:
         manifest = ingest.ingest(reader, arguments.out, executor, max_file_bytes=max_file_bytes,
                                  max_skipped_fraction=arguments.max_skipped_fraction)

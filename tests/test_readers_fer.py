@@ -25,7 +25,7 @@ from pipeline.readers.affwild2 import HEADER, AffWild2Reader
 from pipeline.readers.base import SourceUnusable
 from pipeline.readers.expw import ExpWReader
 from pipeline.readers.files import read_files
-from pipeline.shards import Manifest
+from pipeline.shards import MANIFEST_NAME, Manifest
 
 RED = (220, 20, 20)
 BLUE = (20, 20, 220)
@@ -60,7 +60,9 @@ def write(path, data: bytes | str) -> None:
 
 
 def shard_folder(out) -> dict:
-    return {name: os.path.getsize(os.path.join(out, name)) for name in sorted(os.listdir(out))}
+    """Part files and their sizes (the manifest's size varies with its timing fields)."""
+    return {name: os.path.getsize(os.path.join(out, name)) for name in sorted(os.listdir(out))
+            if name != MANIFEST_NAME}
 
 
 def read_rows(out, source: str) -> list[dict]:

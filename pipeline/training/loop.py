@@ -112,6 +112,7 @@ class Trainer:
             "global_step": self.global_step,
             "rng": checkpoint.rng_state(self.numpy_generator),
             "input_rng": checkpoint.rng_state(self.inputs.rng),
+            "view_generator": self.inputs.generator.get_state(),
             "history": json.dumps(self.history),
             "config": json.dumps(to_mapping(self.config)),
         }
@@ -125,6 +126,7 @@ class Trainer:
         self.global_step = int(state["global_step"])
         checkpoint.restore_rng_state(state["rng"], self.numpy_generator)
         checkpoint.restore_rng_state(state["input_rng"], self.inputs.rng)
+        self.inputs.generator.set_state(state["view_generator"])
         self.history = json.loads(state["history"])
 
     def resume_if_possible(self, uri: str | None = None) -> bool:

@@ -1,0 +1,257 @@
+"""A real Ray head for tests: `ray start --head --block` with token auth, in its own process group,
+ports and temp dir, stopped by PID at the end (never `ray stop`: it kills every Ray on the host).
+
+    with running_ray_head(num_cpus=2) as head:
+        subprocess.run([head.ray, "job", "submit", "--address", head.dashboard_url, ...],
+                       env=head.client_env())
+
+The head gets a token generated here through `RAY_AUTH_TOKEN` (highest precedence in Ray's token
+lookup), so `~/.ray/auth_token`, which other processes on the host may use, is neither read nor
+written. `python` in a job entrypoint resolves through the head's PATH, which starts with this
+interpreter's bin folder (the venv).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+
+AUTH_VARIABLES = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+STARTED_MESSAGE = "Ray runtime started."
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the kernel reports free, distinct (all sockets are held until every port is chosen)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            handle = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            handle.bind(("127.0.0.1", 0))
+            sockets.append(handle)
+        return [handle.getsockname()[1] for handle in sockets]
+    finally:
+        for handle in sockets:
+            handle.close()
+
+
+def venv_bin() -> Path:
+    """The folder of this interpreter's scripts (`.venv/bin` under `make test`); not resolved,
+    because the venv's `python` is a symlink to the system one."""
+    return Path(sys.executable).parent
+
+
+def _base_env() -> dict[str, str]:
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in AUTH_VARIABLES and key != "RAY_ADDRESS"}
+    environment["PATH"] = f"{venv_bin()}{os.pathsep}{os.environ.get('PATH', '')}"
+    environment["RAY_USAGE_STATS_ENABLED"] = "0"  # no network calls from a test cluster
+    environment["PYTHONUNBUFFERED"] = "1"
+    return environment
+
+
+@dataclass
+class RayHead:
+    process: subprocess.Popen
+    token: str
+    dashboard_url: str
+    gcs_address: str
+    temp_dir: str
+    log_path: str
+    ray: str
+    """The `ray` executable that started the head (use it for clients too)."""
+    descendants: set[psutil.Process] = field(default_factory=set)
+
+    def client_env(self, token: str | None = "", home: str | None = None) -> dict[str, str]:
+        """Environment for a client process: the head's token by default; `token=None` gives one
+        with no token at all (and `home`, if given, replaces HOME so `~/.ray/auth_token` of the
+        host is not found either)."""
+        environment = _base_env()
+        if token is not None:
+            environment["RAY_AUTH_MODE"] = "token"
+            environment["RAY_AUTH_TOKEN"] = token or self.token
+        if home is not None:
+            environment["HOME"] = home
+        return environment
+
+    def request(self, path: str, token: str | None = "", timeout: float = 10.0
+                ) -> tuple[int, str]:
+        """GET `path` from the dashboard; (status, body). `token=None` sends no credentials."""
+        headers = {}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token or self.token}"
+        request = urllib.request.Request(self.dashboard_url + path, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, response.read().decode("utf-8", "replace")
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode("utf-8", "replace")
+
+    def job(self, submission_id: str) -> dict:
+        status, body = self.request(f"/api/jobs/{submission_id}")
+        if status != 200:
+            raise RuntimeError(f"GET /api/jobs/{submission_id}: {status} {body[:500]}")
+        return json.loads(body)
+
+    def job_logs(self, submission_id: str) -> str:
+        status, body = self.request(f"/api/jobs/{submission_id}/logs")
+        if status != 200:
+            raise RuntimeError(f"GET /api/jobs/{submission_id}/logs: {status} {body[:500]}")
+        return json.loads(body)["logs"]
+
+    def working_dir(self, package: str) -> Path:
+        """Where this (single-node) cluster unpacked an uploaded `_ray_pkg_<hash>` working dir."""
+        return Path(self.temp_dir, "session_latest", "runtime_resources", "working_dir_files",
+                    package)
+
+    def log_tail(self, characters: int = 4000) -> str:
+        try:
+            with open(self.log_path, errors="replace") as handle:
+                return handle.read()[-characters:]
+        except OSError:
+            return ""
+
+    def remember_descendants(self) -> None:
+        """Record every process started under the head (workers come and go), so teardown can
+        find any that left the process group. psutil.Process objects carry their start time, so
+        a PID the kernel hands to someone else later is never mistaken for ours."""
+        with contextlib.suppress(psutil.Error):
+            self.descendants.update(psutil.Process(self.process.pid).children(recursive=True))
+
+    def leftovers(self) -> list[int]:
+        """PIDs of this head's processes still running (none after `stop`)."""
+        running = {process.pid for process in self.descendants if _running(process)}
+        return sorted(running | set(_group_members(self.process.pid)))
+
+    def stop(self, grace_seconds: float = 20.0) -> list[int]:
+        """SIGTERM the process group started here, wait, SIGKILL what is left of it; then kill
+        any recorded descendant still running. Returns the PIDs that needed SIGKILL."""
+        self.remember_descendants()
+        group = self.process.pid  # start_new_session=True: `ray start` leads its own group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGTERM)
+        deadline = time.monotonic() + grace_seconds
+        while time.monotonic() < deadline and (self.process.poll() is None
+                                               or _group_members(group)):
+            time.sleep(0.2)
+        forced = _group_members(group)
+        if forced:  # the group still has members, so its ID cannot have been reused
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+        survivors = [process for process in self.descendants if _running(process)]
+        for process in survivors:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+                forced.append(process.pid)
+        psutil.wait_procs(survivors, timeout=10)
+        return forced
+
+
+def _running(process: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    return False
+
+
+def _group_members(group: int) -> list[int]:
+    members = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(process.pid) == group and _running(process):
+                members.append(process.pid)
+    return members
+
+
+def start_ray_head(num_cpus: int = 2, object_store_mb: int = 300, timeout: float = 90.0,
+                   extra_env: dict[str, str] | None = None) -> RayHead:
+    """Start a head and wait until its job API answers an authenticated request."""
+    ray = venv_bin() / "ray"
+    ray_executable = str(ray) if ray.exists() else shutil.which("ray")
+    if not ray_executable:
+        raise RuntimeError(f"no `ray` executable next to {sys.executable} or on PATH")
+    # Short: Ray puts Unix sockets under <temp dir>/session_<date>/sockets (~107 chars max).
+    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")
+    gcs_port, dashboard_port, agent_port, client_port = free_ports(4)
+    token = secrets.token_hex(32)
+    environment = _base_env()
+    environment.update({
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        # SIGTERM makes the head drain first (30 s by default); a test cluster has nothing to drain.
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+    })
+    environment.update(extra_env or {})
+    command = [
+        ray_executable, "start", "--head", "--block",
+        f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
+        "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
+        # Fixed by default (52365, 10001): another cluster on the host would collide.
+        f"--dashboard-agent-listen-port={agent_port}", f"--ray-client-server-port={client_port}",
+        f"--num-cpus={num_cpus}", "--num-gpus=0",
+        f"--object-store-memory={object_store_mb << 20}",
+        f"--temp-dir={temp_dir}", "--disable-usage-stats",
+    ]
+    log_path = os.path.join(temp_dir, "ray-start.log")
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    head = RayHead(process, token, f"http://127.0.0.1:{dashboard_port}",
+                   f"127.0.0.1:{gcs_port}", temp_dir, log_path, ray_executable)
+    try:
+        _wait_ready(head, timeout)
+    except BaseException:
+        head.stop()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+    head.remember_descendants()
+    return head
+
+
+def _wait_ready(head: RayHead, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        if head.process.poll() is not None:
+            raise RuntimeError(f"`ray start` exited with {head.process.returncode}:\n"
+                               f"{head.log_tail()}")
+        # The job API answers before the raylet is up; `ray start` says when everything is.
+        if STARTED_MESSAGE in head.log_tail(100_000):
+            try:
+                status, body = head.request("/api/jobs/", timeout=2.0)
+                if status == 200:
+                    return
+                last = f"{status} {body[:200]}"
+            except (OSError, urllib.error.URLError) as error:
+                last = repr(error)
+        time.sleep(0.25)
+    raise TimeoutError(f"Ray head's job API not ready after {timeout:.0f} s ({last}):\n"
+                       f"{head.log_tail()}")
+
+
+@contextlib.contextmanager
+def running_ray_head(**options) -> Iterator[RayHead]:
+    """`start_ray_head(**options)`, stopped and its temp dir removed on exit."""
+    head = start_ray_head(**options)
+    try:
+        yield head
+    finally:
+        head.stop()
+        shutil.rmtree(head.temp_dir, ignore_errors=True)

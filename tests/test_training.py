@@ -1,0 +1,115 @@
+"""The single-process trainer end to end on the tiny demo corpus: metrics files, checkpoints,
+exact resume, threshold updates and config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from jobs import train as train_job
+from pipeline import ingest, schema
+from pipeline.demo.corpus import PRESETS, write_demo_corpus
+from pipeline.readers import make_reader
+from pipeline.split import make_split
+from pipeline.training import checkpoint
+from pipeline.training.config import load_config
+from pipeline.training.loop import METRICS_LINES, Trainer
+
+
+@pytest.fixture(scope="module")
+def tiny_split(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training")
+    write_demo_corpus(str(root / "corpus"), PRESETS["tiny"])
+    for source in schema.SOURCES:
+        ingest.ingest(make_reader(source, str(root / "corpus" / source)), str(root / "shards"),
+                      progress=False)
+    make_split(str(root / "shards"), str(root / "split"), per_class=4, seed=0)
+    return str(root / "split")
+
+
+def tiny_config(split_dir: str, storage: str, method: str = "supervised", **overrides):
+    settings = {
+        "method": method,
+        "model": {"backbone": "test_resnet", "channels_last": False},
+        "data": {"split": split_dir, "image_size": 32, "labeled_batch": 8, "unlabeled_ratio": 1,
+                 "shuffle_buffer": 64},
+        "evaluation": {"windows": [5], "batch_size": 64},
+        "run": {"name": "tiny", "storage": storage, "epochs": 2, "steps_per_epoch": 3},
+    }
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        settings[section][field] = value
+    return load_config(base=settings)
+
+
+def test_metrics_and_checkpoints_are_written(tiny_split, tmp_path):
+    final = Trainer(tiny_config(tiny_split, str(tmp_path))).fit()
+    run = tmp_path / "tiny"
+    lines = [json.loads(line) for line in (run / METRICS_LINES).read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2]
+    record = lines[-1]
+    for key in ("losses", "learning_rates", "images_per_second", "validation", "thresholds",
+                "pseudo_label_acceptance_rate", "pseudo_label_histogram"):
+        assert key in record
+    validation = record["validation"]
+    assert 0.0 <= validation["macro_f1"] <= 1.0 and len(validation["per_class_f1"]) == 8
+    assert len(validation["confusion"]) == 8 and "5" in validation["smoothed"]
+    assert validation["scored_frames"] < validation["frames"] or validation["frames"] > 0
+    assert checkpoint.list_checkpoints(str(run)) == [1, 2]
+    assert final["epochs"] == 2 and final["steps"] == 6
+    assert json.loads((run / "metrics.json").read_text())["best_epoch"] in (1, 2)
+
+
+def test_resume_continues_exactly(tiny_split, tmp_path):
+    straight = Trainer(tiny_config(tiny_split, str(tmp_path / "a"))).fit()
+    first = tiny_config(tiny_split, str(tmp_path / "b"))
+    first.run.epochs = 1
+    Trainer(first).fit()
+    resumed_trainer = Trainer(tiny_config(tiny_split, str(tmp_path / "b")))
+    resumed = resumed_trainer.fit()
+    assert resumed["steps"] == straight["steps"] == 6
+    straight_state = checkpoint.load(checkpoint.latest(str(tmp_path / "a" / "tiny")))
+    resumed_state = checkpoint.load(checkpoint.latest(str(tmp_path / "b" / "tiny")))
+    for key, value in straight_state["method"]["model"].items():
+        assert torch.equal(value, resumed_state["method"]["model"][key]), key
+
+
+def test_rerun_of_a_finished_run_trains_nothing_more(tiny_split, tmp_path):
+    config = tiny_config(tiny_split, str(tmp_path))
+    Trainer(config).fit()
+    again = Trainer(tiny_config(tiny_split, str(tmp_path))).fit()
+    assert again["steps"] == 6
+    assert checkpoint.list_checkpoints(str(tmp_path / "tiny")) == [1, 2]
+
+
+@pytest.mark.parametrize("method", ["dtm", "mutexmatch"])
+def test_threshold_methods_update_thresholds_each_epoch(tiny_split, tmp_path, method):
+    pytest.importorskip(f"pipeline.methods.{method}")
+    final = Trainer(tiny_config(tiny_split, str(tmp_path), method=method)).fit()
+    lines = [json.loads(line) for line in (tmp_path / "tiny" / METRICS_LINES).read_text().splitlines()]
+    assert all(len(line["thresholds"]) == 8 for line in lines)
+    assert lines[-1]["pseudo_label_acceptance_rate"] is not None
+    assert final["steps"] == 6
+
+
+def test_train_command_reports_config_errors(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: supervised\nrun:\n  epochs: 2\n")
+    assert train_job.main(["--config", str(recipe), "--set", "run.epochz=3"]) == 2
+    assert "run.epochz: unknown key" in capsys.readouterr().err
+    assert train_job.main(["--config", str(recipe), "--set", "method_options.label_smoothing=oops"]) == 2
+    assert "method_options.label_smoothing" in capsys.readouterr().err
+    assert train_job.main(["--config", str(recipe), "--print-config", "--set", "run.epochs=5"]) == 0
+    assert json.loads(capsys.readouterr().out)["run"]["epochs"] == 5
+
+
+def test_every_recipe_loads():
+    folder = os.path.join(os.path.dirname(os.path.dirname(__file__)), "jobs", "recipes")
+    recipes = sorted(name for name in os.listdir(folder) if name.endswith(".yaml"))
+    assert recipes
+    for name in recipes:
+        config = load_config(os.path.join(folder, name))
+        assert config.method
