@@ -27,8 +27,10 @@ RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # name -> (recipe, extra overrides)
 CONFIGURATIONS = {
     "supervised": ("demo_seed002_supervised", []),
-    "dtm (literal: CE through both views)": ("demo_abaw5_dtm", ["method_options.unlabeled_loss=average"]),
-    "dtm (stop-gradient on the weak view)": ("demo_abaw5_dtm", ["method_options.unlabeled_loss=stop_gradient"]),
+    # The paper's literal loss CE(y_hat, (P_w + P_s) / 2), gradient through both views ...
+    "dtm_average": ("demo_abaw5_dtm", ["method_options.unlabeled_loss=average"]),
+    # ... and the FixMatch-style alternative: detached target, CE on the strong view.
+    "dtm_stop_gradient": ("demo_abaw5_dtm", ["method_options.unlabeled_loss=stop_gradient"]),
     "feedback": ("demo_abaw6_feedback", []),
     "mutexmatch": ("demo_seed002_mutexmatch", []),
     "noise_aware": ("demo_seed002_noise_aware", []),
@@ -58,6 +60,8 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=48)
     parser.add_argument("--unlabeled-ratio", type=int, default=2)
     parser.add_argument("--only", nargs="*", help="configuration names to run (default: all)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per run (run two of these scripts side by side on 2 cores)")
     parser.add_argument("--out", default="bench_out/learning.json")
     arguments = parser.parse_args()
 
@@ -79,8 +83,8 @@ def main() -> int:
                 f"run.epochs={arguments.epochs}",
                 f"run.steps_per_epoch={arguments.steps // arguments.epochs}",
                 f"run.seed={seed}", "run.resume=false", "run.storage=bench_out/runs",
-                f"run.name=learning-{recipe}-{len(results.get(name, []))}-seed{seed}",
-                "evaluation.windows=[10,30]", *extra,
+                f"run.name=learning-{name}-seed{seed}",
+                "evaluation.windows=[10,30]", f"run.threads={arguments.threads}", *extra,
             ]
             print(f"== {name} seed {seed}: python -m jobs.train --config jobs/recipes/{recipe}.yaml "
                   + " ".join(f"--set {item}" for item in overrides), flush=True)

@@ -76,6 +76,8 @@ class Trainer:
         self.report = report
         self.run_folder = run_folder or storage.join(config.run.storage, config.run.name)
         self.device = resolve_device(config.run.device)
+        if config.run.threads:
+            torch.set_num_threads(config.run.threads)
         seed = config.run.seed
         torch.manual_seed(seed * 1000 + rank)
         self.numpy_generator = np.random.default_rng([seed, rank])
