@@ -78,17 +78,24 @@ def test_split_refuses_incomplete_shards(tmp_path, capsys):
 @pytest.mark.ray
 def test_demo_runs_end_to_end_and_reuses_its_corpus(tmp_path, capsys, local_ray):
     out = tmp_path / "demo"
-    assert demo_job.main(["--out", str(out), "--corpus-size", "tiny", "--per-class", "3"]) == 0
+    small_training = ["--train-set", "model.backbone=test_resnet", "--train-set", "data.image_size=32",
+                      "--train-set", "run.epochs=1", "--train-set", "run.steps_per_epoch=2",
+                      "--train-set", "data.labeled_batch=8"]
+    assert demo_job.main(["--out", str(out), "--corpus-size", "tiny", "--per-class", "3",
+                          *small_training]) == 0
     printed = capsys.readouterr()
     assert "== split ==" in printed.out and "ms1mv2:" in printed.out
     assert "[ingest affwild2]" in printed.err  # progress output
+    assert "== train demo_abaw5_dtm (dtm) ==" in printed.out and "validation macro-F1" in printed.out
+    assert (out / "runs" / "demo_abaw5_dtm" / "metrics.json").exists()
     for source in schema.SOURCES:
         assert shards.Manifest.load(str(out / "shards" / source)).rows > 0
     stamp = json.loads((out / "corpus" / demo_job.CORPUS_STAMP).read_text())
     assert stamp["ms1mv2_images"] == PRESETS["tiny"].ms1mv2_images
     first = shards.Manifest.load(str(out / "split" / "labeled"))
 
-    assert demo_job.main(["--out", str(out), "--corpus-size", "tiny", "--per-class", "3"]) == 0
+    assert demo_job.main(["--out", str(out), "--corpus-size", "tiny", "--per-class", "3",
+                          "--train-recipe", "none"]) == 0
     assert "reusing corpus" in capsys.readouterr().out
     second = shards.Manifest.load(str(out / "split" / "labeled"))
     assert [entry.checksum for entry in second.files] == [entry.checksum for entry in first.files]
