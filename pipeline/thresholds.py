@@ -6,6 +6,7 @@ and every worker then makes the same update. Pure torch.
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, NamedTuple
@@ -258,7 +259,7 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-class ClassThreshold:
+class ClassThreshold(abc.ABC):
     """The contract every threshold honours.
 
     `thresholds`: float32 (C,). `collect_statistics(probabilities, labels)`: the ClassStatistics
@@ -276,20 +277,21 @@ class ClassThreshold:
         self.num_classes = num_classes
 
     @property
-    def thresholds(self) -> torch.Tensor:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def thresholds(self) -> torch.Tensor: ...
 
-    def collect_statistics(self, probabilities: torch.Tensor, labels: torch.Tensor | None) -> ClassStatistics:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def collect_statistics(self, probabilities: torch.Tensor, labels: torch.Tensor | None
+                           ) -> ClassStatistics: ...
 
-    def update(self, statistics: ClassStatistics, epoch: int | None = None) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def update(self, statistics: ClassStatistics, epoch: int | None = None) -> None: ...
 
-    def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]: ...
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
     def _check_statistics(self, statistics: ClassStatistics) -> ClassStatistics:
         if statistics.num_classes != self.num_classes:
