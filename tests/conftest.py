@@ -46,3 +46,15 @@ def local_ray():
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = saved
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Pins torch to one intra-op thread for the session: tiny models gain nothing from more, their
+    spin-waits on a shared CPU made the learning checks 20x slower, and one thread is reproducible."""
+    import torch  # here: `from conftest import make_jpeg` needs no torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

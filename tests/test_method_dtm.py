@@ -3,67 +3,22 @@ state round-trip, and a mini learning check on synthetic colour blobs."""
 
 from __future__ import annotations
 
-import io
 import math
-from dataclasses import dataclass, field
+from functools import partial
 
 import pytest
 import torch
-from torch import nn
 
-from pipeline.methods.base import MethodContext, OptimizerConfig, TrainBatch
+from pipeline.methods.base import OptimizerConfig, TrainBatch
 from pipeline.methods.dtm import DynamicThresholdOptions, DynamicThresholdSSL
-from pipeline.models import ModelConfig
+from synthetic import (
+    CLASSES, FixedLogits, accuracy, build_method, colour_blob_batch, colour_blob_problem, save_and_load,
+    seeded_batch, train,
+)
 
-NUM_CLASSES = 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks on a shared CPU: thread synchronisation costs more than it saves, and makes
-    the timing swing tenfold with the machine's load."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-class FixedLogits(nn.Module):
-    """Returns its own parameter whatever the input: known logits, and one gradient row per sample."""
-
-    def __init__(self, logits: torch.Tensor) -> None:
-        super().__init__()
-        self.logits = nn.Parameter(logits.clone())
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        assert images.shape[0] == self.logits.shape[0]
-        return self.logits
-
-
-@dataclass
-class StubContext(MethodContext):
-    """A context whose create_model hands out the given networks first (a stub, say)."""
-
-    networks: list = field(default_factory=list)
-
-    def create_model(self, config: ModelConfig | None = None) -> nn.Module:
-        return self.networks.pop(0) if self.networks else super().create_model(config)
-
-
-def build(networks=(), optimizer: OptimizerConfig | None = None, total_steps: int = 10,
-          seed: int = 0, **options) -> DynamicThresholdSSL:
-    torch.manual_seed(seed)
-    model = ModelConfig(backbone="test_resnet", channels_last=False, num_classes=NUM_CLASSES)
-    context = StubContext(model=model, optimizer=optimizer or OptimizerConfig(lr=1e-3),
-                          total_steps=total_steps, num_classes=NUM_CLASSES, networks=list(networks))
-    return DynamicThresholdSSL(DynamicThresholdOptions(**options), context)
-
-
-def random_batch(seed: int, labeled: int = 8, unlabeled: int = 12) -> TrainBatch:
-    generator = torch.Generator().manual_seed(seed)
-    image = lambda count: torch.randn(count, 3, 32, 32, generator=generator)
-    return TrainBatch(labeled_weak=image(labeled), labels=torch.arange(labeled) % NUM_CLASSES,
-                      unlabeled_weak=image(unlabeled), unlabeled_strong=image(unlabeled))
+# DTM on the test ResNet (Adam, lr 1e-3); batches of 8 labeled and 12 unlabeled noise images.
+build = partial(build_method, DynamicThresholdSSL)
+random_batch = partial(seeded_batch, unlabeled=12)
 
 
 # Hand-made probabilities of 4 unlabeled samples. P̃ = (P_w + P_s)/2 row by row:
@@ -150,7 +105,7 @@ def test_network_b_is_the_moving_average_of_a():
 def test_thresholds_come_from_network_b_and_follow_the_moving_average():
     method = build(threshold_momentum=0.9, initial_threshold=0.8)
     assert method.threshold_model() is method.ema.model
-    assert torch.allclose(method.thresholds(), torch.full((NUM_CLASSES,), 0.8))
+    assert torch.allclose(method.thresholds(), torch.full((CLASSES,), 0.8))
     probabilities = torch.tensor([
         [0.9, 0.05, 0.03, 0.02],   # class 0, correct, p = 0.9
         [0.5, 0.2, 0.2, 0.1],      # class 0, correct, p = 0.5
@@ -189,11 +144,9 @@ def test_state_round_trip_reproduces_the_next_step(unlabeled_loss):
     options = dict(unlabeled_loss=unlabeled_loss, initial_threshold=0.3, ema_decay=0.9)
     method = build(**options)
     method.train_step(random_batch(seed=1), step=0)
-    probabilities = torch.softmax(torch.randn(16, NUM_CLASSES), dim=1)
+    probabilities = torch.softmax(torch.randn(16, CLASSES), dim=1)
     method.update_thresholds(method.threshold_statistics(probabilities, probabilities.argmax(dim=1)), epoch=1)
-    buffer = io.BytesIO()
-    torch.save(method.state_dict(), buffer)
-    state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    state = save_and_load(method.state_dict())
 
     twin = build(seed=99, **options)
     twin.load_state_dict(state)
@@ -208,64 +161,26 @@ def test_state_round_trip_reproduces_the_next_step(unlabeled_loss):
             assert torch.equal(value, twin_state[name]), name
 
 
-# A tiny learning problem: 4 classes of 32x32 noise images, each with a small disc of its class colour.
-
-COLOURS = torch.tensor([[1.5, -1.0, -1.0], [-1.0, 1.5, -1.0], [-1.0, -1.0, 1.5], [1.5, 1.5, -1.0]])
-
-
-def colour_blobs(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    count = labels.shape[0]
-    images = torch.randn(count, 3, 32, 32, generator=generator)
-    rows, columns = torch.arange(32).view(1, 32, 1), torch.arange(32).view(1, 1, 32)
-    centre_row = torch.randint(8, 24, (count, 1, 1), generator=generator)
-    centre_column = torch.randint(8, 24, (count, 1, 1), generator=generator)
-    inside = ((rows - centre_row) ** 2 + (columns - centre_column) ** 2 <= 9).unsqueeze(1)
-    return torch.where(inside, images + COLOURS[labels].view(count, 3, 1, 1), images)
-
-
-def weak_view(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    flip = torch.rand(images.shape[0], generator=generator) < 0.5
-    images = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
-    return images.roll(torch.randint(-2, 3, (2,), generator=generator).tolist(), dims=(2, 3))
-
-
-def strong_view(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    scale = 0.6 + 0.8 * torch.rand(images.shape[0], 1, 1, 1, generator=generator)
-    images = weak_view(images, generator) * scale + 0.5 * torch.randn(images.shape, generator=generator)
-    top, left = torch.randint(0, 24, (2,), generator=generator).tolist()
-    images[:, :, top:top + 8, left:left + 8] = 0
-    return images
-
-
 @pytest.mark.parametrize("unlabeled_loss", ["average", "stop_gradient"])
 def test_learns_a_tiny_problem_and_accepts_pseudo_labels(unlabeled_loss):
     """Seeds 0-5 reached 0.79-0.99 (average) and 0.85-0.99 (stop_gradient) held-out accuracy
     (chance 0.25) in 80 steps; 0.6 leaves room."""
     steps, epoch_steps = 80, 20
     generator = torch.Generator().manual_seed(0)
-    labels = torch.arange(NUM_CLASSES).repeat(8)
-    labeled = colour_blobs(labels, generator)
-    unlabeled = colour_blobs(torch.randint(0, NUM_CLASSES, (200,), generator=generator), generator)
-    test_labels = torch.randint(0, NUM_CLASSES, (400,), generator=generator)
-    test_images = colour_blobs(test_labels, generator)
+    problem = colour_blob_problem(generator)
     # B is an EMA with decay 0.95 here: the paper's 0.999 would leave it near its random start in 80 steps.
     method = build(optimizer=OptimizerConfig(lr=3e-3), total_steps=steps, ema_decay=0.95,
                    unlabeled_loss=unlabeled_loss)
-    accepted = []
-    for step in range(steps):
-        chosen = torch.randperm(labels.shape[0], generator=generator)[:16]
-        drawn = unlabeled[torch.randint(0, unlabeled.shape[0], (16,), generator=generator)]
-        batch = TrainBatch(labeled_weak=weak_view(labeled[chosen], generator), labels=labels[chosen],
-                           unlabeled_weak=weak_view(drawn, generator),
-                           unlabeled_strong=strong_view(drawn, generator))
-        accepted.append(int(method.train_step(batch, step).accepted.sum()))
-        if (step + 1) % epoch_steps == 0:  # the loop's once-per-epoch DTM update, B on the labeled set
-            network = method.threshold_model().eval()
-            with torch.no_grad():
-                probabilities = network(labeled).softmax(dim=1)
-            statistics = method.threshold_statistics(probabilities, labels)
-            method.update_thresholds(statistics, epoch=(step + 1) // epoch_steps)
-    accuracy = (method.predict(test_images).argmax(dim=1) == test_labels).float().mean().item()
-    assert accuracy >= 0.6
+
+    def update_thresholds(epoch: int) -> None:  # the loop's once-per-epoch DTM update, B on the labeled set
+        network = method.threshold_model().eval()
+        with torch.no_grad():
+            probabilities = network(problem.labeled).softmax(dim=1)
+        method.update_thresholds(method.threshold_statistics(probabilities, problem.labels), epoch=epoch)
+
+    results = train(method, steps, lambda: colour_blob_batch(problem, generator), update_thresholds,
+                    epoch_steps)
+    accepted = [int(result.accepted.sum()) for result in results]
+    assert accuracy(method, problem.test_images, problem.test_labels) >= 0.6
     assert sum(accepted[-epoch_steps:]) > 0
-    assert not torch.allclose(method.thresholds(), torch.full((NUM_CLASSES,), 0.8))
+    assert not torch.allclose(method.thresholds(), torch.full((CLASSES,), 0.8))

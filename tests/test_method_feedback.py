@@ -5,42 +5,23 @@ a mini learning check on synthetic colour blobs."""
 from __future__ import annotations
 
 import copy
-import io
-from dataclasses import dataclass, field
+from functools import partial
 
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional
 
-from pipeline.methods.base import Collectives, MethodContext, OptimizerConfig, TrainBatch
+from pipeline.methods.base import Collectives, OptimizerConfig, TrainBatch
 from pipeline.methods.feedback import DebiasedFeedback, DebiasedFeedbackOptions
-from pipeline.models import ModelConfig
+from synthetic import (
+    CLASSES, FixedLogits, accuracy, build_method, colour_blob_batch, colour_blob_problem, save_and_load,
+    seeded_batch, train,
+)
 
-NUM_CLASSES = 4
 SGD = OptimizerConfig(name="sgd", lr=0.01, momentum=0.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks on a shared CPU: thread synchronisation costs more than it saves, and makes
-    the timing swing tenfold with the machine's load."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-class FixedLogits(nn.Module):
-    """Returns its own parameter whatever the input: known logits, and one gradient row per sample."""
-
-    def __init__(self, logits: torch.Tensor) -> None:
-        super().__init__()
-        self.logits = nn.Parameter(logits.clone())
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        assert images.shape[0] == self.logits.shape[0]
-        return self.logits
+# The teacher is the first network made: build([stub]) makes the stub the teacher.
+build = partial(build_method, DebiasedFeedback, optimizer=SGD)
 
 
 class FixedCollectives(Collectives):
@@ -55,39 +36,13 @@ class FixedCollectives(Collectives):
         return torch.tensor(self.values.pop(0))
 
 
-@dataclass
-class StubContext(MethodContext):
-    """A context whose create_model hands out the given networks first (the teacher is made first)."""
-
-    networks: list = field(default_factory=list)
-
-    def create_model(self, config: ModelConfig | None = None) -> nn.Module:
-        return self.networks.pop(0) if self.networks else super().create_model(config)
-
-
-def build(networks=(), collectives: Collectives | None = None, optimizer: OptimizerConfig = SGD,
-          total_steps: int = 10, seed: int = 0, **options) -> DebiasedFeedback:
-    torch.manual_seed(seed)
-    model = ModelConfig(backbone="test_resnet", channels_last=False, num_classes=NUM_CLASSES)
-    context = StubContext(model=model, optimizer=optimizer, total_steps=total_steps, num_classes=NUM_CLASSES,
-                          collectives=collectives or Collectives(), networks=list(networks))
-    return DebiasedFeedback(DebiasedFeedbackOptions(**options), context)
-
-
-def random_batch(seed: int, labeled: int = 8, unlabeled: int = 8) -> TrainBatch:
-    generator = torch.Generator().manual_seed(seed)
-    image = lambda count: torch.randn(count, 3, 32, 32, generator=generator)
-    return TrainBatch(labeled_weak=image(labeled), labels=torch.arange(labeled) % NUM_CLASSES,
-                      unlabeled_weak=image(unlabeled), unlabeled_strong=image(unlabeled))
-
-
 def teacher_stub(labels: torch.Tensor, seed: int = 0) -> FixedLogits:
     """Logits for [labeled, plain unlabeled, augmented unlabeled]; the plain rows predict `labels`."""
     generator = torch.Generator().manual_seed(seed)
     count = labels.shape[0]
-    noise = 0.3 * torch.randn(count, NUM_CLASSES, generator=generator)
-    plain = 2.0 * functional.one_hot(labels, NUM_CLASSES) + noise
-    others = torch.randn(2 * count, NUM_CLASSES, generator=generator)
+    noise = 0.3 * torch.randn(count, CLASSES, generator=generator)
+    plain = 2.0 * functional.one_hot(labels, CLASSES) + noise
+    others = torch.randn(2 * count, CLASSES, generator=generator)
     return FixedLogits(torch.cat([others[:count], plain, others[count:]]))
 
 
@@ -102,7 +57,7 @@ def test_a_helpful_student_step_makes_the_teacher_reinforce_its_pseudo_label(sig
     # The unlabeled images are the labeled ones and the teacher's pseudo labels are the true labels,
     # so the student's small SGD step on L_u lowers its labeled loss: L_before > L_after.
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    labels = torch.arange(8) % NUM_CLASSES
+    labels = torch.arange(8) % CLASSES
     stub = teacher_stub(labels)
     plain_before = stub.logits[8:16].detach().clone()
     method = build([stub], feedback_sign=sign, teacher_lr=1.0, student_lr=0.01)
@@ -121,7 +76,7 @@ def test_a_helpful_student_step_makes_the_teacher_reinforce_its_pseudo_label(sig
     # L_f = f·CE(ŷ, T(x_FR)) is the only loss reaching the plain rows (the consistency target is
     # detached): one SGD step moves them by -lr·f·(softmax - onehot(ŷ))/N ...
     plain_after = stub.logits[8:16].detach()
-    gradient = (plain_before.softmax(dim=1) - functional.one_hot(labels, NUM_CLASSES)) / 8
+    gradient = (plain_before.softmax(dim=1) - functional.one_hot(labels, CLASSES)) / 8
     assert torch.allclose(plain_after, plain_before - method.feedback_coefficient * gradient, atol=1e-7)
     # ... so CE(ŷ, T(x_FR)) falls when the student improved (sign +1) and rises with sign -1.
     change = functional.cross_entropy(plain_after, labels) - functional.cross_entropy(plain_before, labels)
@@ -132,7 +87,7 @@ def test_a_helpful_student_step_makes_the_teacher_reinforce_its_pseudo_label(sig
 @pytest.mark.parametrize("student_view", ["strong", "weak"])
 def test_the_teacher_uses_the_all_reduced_coefficient_and_every_loss_matches_by_hand(
         consistency_target, student_view):
-    batch = random_batch(seed=3)
+    batch = seeded_batch(seed=3)
     stub = teacher_stub(torch.tensor([0, 1, 2, 3, 3, 2, 1, 0]))
     logits = stub.logits.detach().clone()
     labeled_logits, plain, augmented = logits[:8], logits[8:16], logits[16:]
@@ -174,7 +129,7 @@ def test_the_teacher_uses_the_all_reduced_coefficient_and_every_loss_matches_by_
 
 @pytest.mark.parametrize("measurement", ["joint", "labeled"])
 def test_labeled_loss_after_the_step_is_measured_as_configured(measurement):
-    batch = random_batch(seed=4)
+    batch = seeded_batch(seed=4)
     method = build(feedback_measurement=measurement)
     result = method.train_step(batch, step=0)
     images = batch.labeled_weak
@@ -190,7 +145,7 @@ def test_moving_average_baseline_by_hand():
     # f_t = raw_t - b_(t-1), then b_t = 0.9·b_(t-1) + 0.1·raw_t, from b_0 = 0.
     expected = [(0.3, 0.3, 0.03), (-0.1, -0.13, 0.017), (0.5, 0.483, 0.0653)]
     for step, (raw, used, baseline) in enumerate(expected):
-        losses = method.train_step(random_batch(seed=step), step=step).losses
+        losses = method.train_step(seeded_batch(seed=step), step=step).losses
         assert losses["feedback_raw"] == pytest.approx(raw)
         assert losses["feedback_coefficient"] == pytest.approx(used)
         assert method.feedback_raw == pytest.approx(raw)
@@ -199,7 +154,7 @@ def test_moving_average_baseline_by_hand():
 
     without = build(collectives=FixedCollectives(0.3, -0.1))
     for step in range(2):
-        losses = without.train_step(random_batch(seed=step), step=step).losses
+        losses = without.train_step(seeded_batch(seed=step), step=step).losses
         assert losses["feedback_coefficient"] == losses["feedback_raw"]
     assert without.feedback_baseline == 0.0
 
@@ -213,7 +168,7 @@ def test_teacher_and_student_are_separate_networks_that_both_learn_in_one_step()
     assert method.student_optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
     teacher_before = copy.deepcopy(method.teacher.state_dict())
     student_before = copy.deepcopy(method.student.state_dict())
-    method.train_step(random_batch(seed=0), step=0)
+    method.train_step(seeded_batch(seed=0), step=0)
     for network, before in ((method.teacher, teacher_before), (method.student, student_before)):
         changed = [name for name, value in network.named_parameters() if not torch.equal(value, before[name])]
         # Not every parameter: timm zero-initialises the last BatchNorm scale of each residual block,
@@ -233,7 +188,7 @@ def test_the_teacher_can_be_evaluated_and_options_fail_loudly():
                 dict(feedback_baseline_decay=1.0), dict(evaluate="ema"), dict(teacher_lr=0.0)):
         with pytest.raises(ValueError):
             DebiasedFeedbackOptions(**bad)
-    batch = random_batch(seed=0)
+    batch = seeded_batch(seed=0)
     batch.unlabeled_weak = None
     with pytest.raises(ValueError, match="unlabeled"):
         method.train_step(batch, step=0)
@@ -243,17 +198,15 @@ def test_state_round_trip_reproduces_the_next_step():
     options = dict(feedback_baseline_decay=0.9)
     method = build(optimizer=OptimizerConfig(lr=1e-3, schedule="cosine"), **options)
     for step in range(2):
-        method.train_step(random_batch(seed=step), step=step)
+        method.train_step(seeded_batch(seed=step), step=step)
     assert method.feedback_baseline != 0.0
-    buffer = io.BytesIO()
-    torch.save(method.state_dict(), buffer)
-    state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    state = save_and_load(method.state_dict())
 
     twin = build(optimizer=OptimizerConfig(lr=1e-3, schedule="cosine"), seed=99, **options)
     twin.load_state_dict(state)
     assert twin.steps == method.steps == 2 and twin.feedback_baseline == method.feedback_baseline
-    expected = method.train_step(random_batch(seed=5), step=2).losses
-    actual = twin.train_step(random_batch(seed=5), step=2).losses
+    expected = method.train_step(seeded_batch(seed=5), step=2).losses
+    actual = twin.train_step(seeded_batch(seed=5), step=2).losses
     assert actual == expected
     for network, twin_network in ((method.teacher, twin.teacher), (method.student, twin.student)):
         twin_state = twin_network.state_dict()
@@ -261,55 +214,15 @@ def test_state_round_trip_reproduces_the_next_step():
             assert torch.equal(value, twin_state[name]), name
 
 
-# A tiny learning problem: 4 classes of 32x32 noise images, each with a small disc of its class colour.
-
-COLOURS = torch.tensor([[1.5, -1.0, -1.0], [-1.0, 1.5, -1.0], [-1.0, -1.0, 1.5], [1.5, 1.5, -1.0]])
-
-
-def colour_blobs(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    count = labels.shape[0]
-    images = torch.randn(count, 3, 32, 32, generator=generator)
-    rows, columns = torch.arange(32).view(1, 32, 1), torch.arange(32).view(1, 1, 32)
-    centre_row = torch.randint(8, 24, (count, 1, 1), generator=generator)
-    centre_column = torch.randint(8, 24, (count, 1, 1), generator=generator)
-    inside = ((rows - centre_row) ** 2 + (columns - centre_column) ** 2 <= 9).unsqueeze(1)
-    return torch.where(inside, images + COLOURS[labels].view(count, 3, 1, 1), images)
-
-
-def weak_view(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    flip = torch.rand(images.shape[0], generator=generator) < 0.5
-    images = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
-    return images.roll(torch.randint(-2, 3, (2,), generator=generator).tolist(), dims=(2, 3))
-
-
-def strong_view(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    scale = 0.6 + 0.8 * torch.rand(images.shape[0], 1, 1, 1, generator=generator)
-    images = weak_view(images, generator) * scale + 0.5 * torch.randn(images.shape, generator=generator)
-    top, left = torch.randint(0, 24, (2,), generator=generator).tolist()
-    images[:, :, top:top + 8, left:left + 8] = 0
-    return images
-
-
 def test_the_student_learns_a_tiny_problem_from_the_teachers_pseudo_labels_alone():
     """The student never sees a label: it learns only through the teacher. Seeds 0-5 reached
     0.87-0.99 held-out accuracy (chance 0.25) in 80 steps; 0.6 leaves room."""
     steps = 80
     generator = torch.Generator().manual_seed(0)
-    labels = torch.arange(NUM_CLASSES).repeat(8)
-    labeled = colour_blobs(labels, generator)
-    unlabeled = colour_blobs(torch.randint(0, NUM_CLASSES, (200,), generator=generator), generator)
-    test_labels = torch.randint(0, NUM_CLASSES, (400,), generator=generator)
-    test_images = colour_blobs(test_labels, generator)
+    problem = colour_blob_problem(generator)
     method = build(optimizer=OptimizerConfig(name="sgd", lr=0.03, schedule="cosine"), total_steps=steps,
                    teacher_lr=0.05, student_lr=0.05)
-    coefficients = []
-    for step in range(steps):
-        chosen = torch.randperm(labels.shape[0], generator=generator)[:16]
-        drawn = unlabeled[torch.randint(0, unlabeled.shape[0], (16,), generator=generator)]
-        batch = TrainBatch(labeled_weak=weak_view(labeled[chosen], generator), labels=labels[chosen],
-                           unlabeled_weak=weak_view(drawn, generator),
-                           unlabeled_strong=strong_view(drawn, generator))
-        coefficients.append(method.train_step(batch, step).losses["feedback_coefficient"])
-    accuracy = (method.predict(test_images).argmax(dim=1) == test_labels).float().mean().item()
-    assert accuracy >= 0.6
+    results = train(method, steps, lambda: colour_blob_batch(problem, generator))
+    coefficients = [result.losses["feedback_coefficient"] for result in results]
+    assert accuracy(method, problem.test_images, problem.test_labels) >= 0.6
     assert any(coefficient != 0.0 for coefficient in coefficients)

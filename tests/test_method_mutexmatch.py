@@ -3,44 +3,20 @@ by hand; thresholds follow the epoch; exact resume; a mini learning check on syn
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
 import torch
-from torch import nn
 
-from pipeline.methods.base import MethodContext, OptimizerConfig, TrainBatch, find_method
+from pipeline.methods.base import OptimizerConfig, TrainBatch, find_method
 from pipeline.methods.mutexmatch import (
     MutexMatch, MutexMatchOptions, complementary_labels, negative_consistency_loss,
     random_complementary_labels, split_by_confidence, top_k_mask,
 )
-from pipeline.models import ModelConfig
 from pipeline.thresholds import ClassStatistics
-
-CLASSES = 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU the extra threads'
-    spin-waits made the learning check 20x slower; one thread also makes the runs reproducible."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_context(backbone: str = "test_resnet", total_steps: int = 100, lr: float = 1e-3) -> MethodContext:
-    return MethodContext(model=ModelConfig(backbone=backbone, channels_last=False, num_classes=CLASSES),
-                         optimizer=OptimizerConfig(lr=lr), total_steps=total_steps, num_classes=CLASSES)
-
-
-def save_and_load(state: dict) -> dict:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
+from synthetic import (
+    CLASSES, StubBackbone, StubContext, make_context, random_batch, resume_and_step, train_and_score,
+)
 
 
 # ------------------------------------------------------------------------------ pure pieces
@@ -121,37 +97,6 @@ def test_negative_consistency_treats_the_weak_view_as_target():
 
 # ------------------------------------------------------------------------ a step by hand
 
-class IdentityBackbone(nn.Module):
-    """A stand-in feature extractor: (N, C, 1, 1) images are the pooled features, and the TPC is
-    the identity, so the images are the TPC logits."""
-
-    def __init__(self, classes: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(classes, classes)
-        with torch.no_grad():
-            self.fc.weight.copy_(torch.eye(classes))
-            self.fc.bias.zero_()
-        self.num_features = classes
-
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        return images
-
-    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        pooled = features.mean(dim=(2, 3))
-        return pooled if pre_logits else self.fc(pooled)
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(images))
-
-
-class IdentityContext(MethodContext):
-    def create_model(self, config=None) -> nn.Module:
-        return IdentityBackbone(self.num_classes)
-
-
 def cross_entropy_by_hand(logits: list[float], target: int) -> float:
     return -(logits[target] - math.log(sum(math.exp(value) for value in logits)))
 
@@ -162,9 +107,14 @@ def softmax_by_hand(logits: list[float]) -> list[float]:
 
 
 def test_a_step_matches_the_paper_by_hand():
-    context = IdentityContext(
-        model=ModelConfig(backbone="identity", channels_last=False, num_classes=CLASSES),
-        optimizer=OptimizerConfig(), total_steps=10, num_classes=CLASSES)
+    # A stand-in backbone: (N, C, 1, 1) images are the pooled features, and the TPC is the
+    # identity, so the images are the TPC logits.
+    backbone = StubBackbone(CLASSES, CLASSES)
+    with torch.no_grad():
+        backbone.fc.weight.copy_(torch.eye(CLASSES))
+        backbone.fc.bias.zero_()
+    context = make_context("identity", total_steps=10, optimizer=OptimizerConfig(), context_class=StubContext,
+                           networks=[backbone])
     method = MutexMatch(MutexMatchOptions(unlabeled_weight=0.5, separation_weight=2.0,
                                           negative_consistency_weight=3.0, top_k=2), context)
     # The TNC is minus the identity, so its logits are minus the features.
@@ -226,7 +176,7 @@ def test_a_step_matches_the_paper_by_hand():
 def test_step_result_reports_the_split():
     torch.manual_seed(0)
     method = MutexMatch(MutexMatchOptions(), make_context())
-    batch = random_batch(torch.Generator().manual_seed(0))
+    batch = random_batch(torch.Generator().manual_seed(0), labeled=4, unlabeled=8)
     result = method.train_step(batch, 0)
     assert set(result.losses) >= {"loss", "labeled_loss", "unlabeled_loss", "separation_loss",
                                   "negative_consistency_loss", "mask_rate"}
@@ -273,27 +223,13 @@ def test_options_are_checked():
         MutexMatchOptions(threshold_samples="everything")
 
 
-def random_batch(generator: torch.Generator, labeled: int = 4, unlabeled: int = 8) -> TrainBatch:
-    return TrainBatch(labeled_weak=torch.randn(labeled, 3, 32, 32, generator=generator),
-                      labels=torch.randint(0, CLASSES, (labeled,), generator=generator),
-                      unlabeled_weak=torch.randn(unlabeled, 3, 32, 32, generator=generator),
-                      unlabeled_strong=torch.randn(unlabeled, 3, 32, 32, generator=generator))
-
-
 def test_state_dict_round_trip_reproduces_the_next_step():
-    torch.manual_seed(0)
     generator = torch.Generator().manual_seed(1)
-    method = MutexMatch(MutexMatchOptions(), make_context())
-    for step in range(2):
-        method.train_step(random_batch(generator), step)
-    method.update_thresholds(ClassStatistics(torch.full((CLASSES,), 0.3), torch.ones(CLASSES)), 1)
-    state = save_and_load(method.state_dict())
-
-    torch.manual_seed(123)
-    resumed = MutexMatch(MutexMatchOptions(), make_context())
-    resumed.load_state_dict(state)
-    batch = random_batch(generator)
-    original_result, resumed_result = method.train_step(batch, 2), resumed.train_step(batch, 2)
+    method, resumed, original_result, resumed_result = resume_and_step(
+        lambda: MutexMatch(MutexMatchOptions(), make_context()),
+        lambda: random_batch(generator, labeled=4, unlabeled=8),
+        before_save=lambda method: method.update_thresholds(
+            ClassStatistics(torch.full((CLASSES,), 0.3), torch.ones(CLASSES)), 1))
     assert original_result.losses == resumed_result.losses
     assert torch.equal(original_result.accepted, resumed_result.accepted)
     for (name, left), (_, right) in zip(method.state_dict()["model"].items(),
@@ -304,58 +240,10 @@ def test_state_dict_round_trip_reproduces_the_next_step():
 
 # --------------------------------------------------------------------------- learning check
 
-COLOURS = torch.tensor([[1.0, -1.0, -1.0], [-1.0, 1.0, -1.0], [-1.0, -1.0, 1.0], [1.0, 1.0, -1.0]])
-
-
-def make_blobs(count: int, generator: torch.Generator, size: int = 32, noise: float = 1.5, radius: int = 6
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """4 classes: a disc of the class's colour at a random place, under Gaussian noise."""
-    labels = (torch.arange(count) % CLASSES)[torch.randperm(count, generator=generator)]
-    centres = torch.randint(radius, size - radius, (count, 2), generator=generator).float()
-    grid = torch.arange(size).float()
-    inside = ((grid[None, :, None] - centres[:, 0, None, None]) ** 2
-              + (grid[None, None, :] - centres[:, 1, None, None]) ** 2) <= radius ** 2
-    images = noise * torch.randn(count, 3, size, size, generator=generator)
-    return images + inside[:, None] * COLOURS[labels][:, :, None, None], labels
-
-
-def weak_view(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    flip = torch.rand(len(images), generator=generator) < 0.5
-    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-    return images.roll(torch.randint(-2, 3, (2,), generator=generator).tolist(), dims=(2, 3))
-
-
-def strong_view(weak: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    images = weak + 0.5 * torch.randn(weak.shape, generator=generator)
-    images = images * (0.7 + 0.6 * torch.rand(len(weak), 3, 1, 1, generator=generator))
-    top, left = torch.randint(0, 22, (2,), generator=generator).tolist()
-    images[:, :, top:top + 10, left:left + 10] = 0.0
-    return images
-
-
-def train_and_score(seed: int, steps: int = 60, batch_size: int = 16) -> float:
-    """Held-out accuracy after `steps` steps on 8 labeled and 50 unlabeled blobs per class."""
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    labeled, labels = make_blobs(8 * CLASSES, generator)
-    unlabeled, _ = make_blobs(200, generator)
-    held_out, held_out_labels = make_blobs(200, generator)
-    method = MutexMatch(MutexMatchOptions(), make_context(total_steps=steps))
-    for step in range(steps):
-        chosen = torch.randint(0, len(labeled), (batch_size,), generator=generator)
-        drawn = torch.randint(0, len(unlabeled), (batch_size,), generator=generator)
-        unlabeled_weak = weak_view(unlabeled[drawn], generator)
-        batch = TrainBatch(labeled_weak=weak_view(labeled[chosen], generator), labels=labels[chosen],
-                           unlabeled_weak=unlabeled_weak,
-                           unlabeled_strong=strong_view(unlabeled_weak, generator))
-        method.train_step(batch, step)
-        if (step + 1) % 20 == 0:
-            # The loop's per-epoch threshold pass, with 20 steps to an epoch.
-            statistics = method.threshold_statistics(method.predict(labeled), labels)
-            method.update_thresholds(statistics, (step + 1) // 20)
-    return (method.predict(held_out).argmax(dim=1) == held_out_labels).float().mean().item()
-
-
 def test_learns_colour_blobs_from_few_labels():
     # Seeds 0-5 reach 0.92, 0.83, 0.81, 0.91, 0.64, 0.99 (one thread); chance is 0.25.
-    assert train_and_score(seed=0) >= 0.5
+    # 60 steps on 8 labeled and 50 unlabeled blobs per class, a threshold pass every 20 steps.
+    def build(steps: int) -> MutexMatch:
+        return MutexMatch(MutexMatchOptions(), make_context(total_steps=steps))
+
+    assert train_and_score(build, seed=0, steps=60, unlabeled=200, thresholds=True) >= 0.5

@@ -4,43 +4,19 @@ mini learning checks on synthetic blobs with clean and with 30% flipped labels."
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
 import torch
-from torch import nn
 
-from pipeline.methods.base import MethodContext, OptimizerConfig, TrainBatch, find_method
+from pipeline.methods.base import OptimizerConfig, TrainBatch, find_method
 from pipeline.methods.noise_aware import (
     NoiseAware, NoiseAwareOptions, class_activation_maps, flipped_view_consistency, rank_regularization,
     weighted_cross_entropy,
 )
-from pipeline.models import ModelConfig
-
-CLASSES = 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU the extra threads'
-    spin-waits made the learning checks 20x slower; one thread also makes the runs reproducible."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_context(backbone: str = "test_resnet", total_steps: int = 100, lr: float = 1e-3) -> MethodContext:
-    return MethodContext(model=ModelConfig(backbone=backbone, channels_last=False, num_classes=CLASSES),
-                         optimizer=OptimizerConfig(lr=lr), total_steps=total_steps, num_classes=CLASSES)
-
-
-def save_and_load(state: dict) -> dict:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
+from synthetic import (
+    CLASSES, StubBackbone, StubContext, make_context, random_batch, resume_and_step, train_and_score,
+)
 
 
 def test_registered_with_its_views():
@@ -105,45 +81,13 @@ def test_rank_regularization_by_hand():
 
 # ------------------------------------------------------------------------ a step by hand
 
-class RampBackbone(nn.Module):
-    """A stand-in feature extractor whose feature maps are the image times a horizontal ramp
-    (column w weighs w + 1), so it is not flip-equivariant: only the right flip-and-flip-back
-    makes the method's maps equal the ones computed here. ramp=False: the image itself."""
-
-    def __init__(self, channels: int, classes: int, ramp: bool = True) -> None:
-        super().__init__()
-        self.fc = nn.Linear(channels, classes)
-        self.num_features = channels
-        self.ramp = ramp
-
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        if not self.ramp:
-            return images
-        return images * torch.arange(1, images.shape[-1] + 1, dtype=images.dtype)
-
-    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        pooled = features.mean(dim=(2, 3))
-        return pooled if pre_logits else self.fc(pooled)
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(images))
-
-
-class StubContext(MethodContext):
-    ramp: bool = True
-
-    def create_model(self, config=None) -> nn.Module:
-        return RampBackbone(3, self.num_classes, ramp=self.ramp)
-
-
 def stub_method(options: NoiseAwareOptions, ramp: bool = True) -> NoiseAware:
-    context = StubContext(model=ModelConfig(backbone="stub", channels_last=False, num_classes=CLASSES),
-                          optimizer=OptimizerConfig(), total_steps=10, num_classes=CLASSES)
-    context.ramp = ramp
+    """On a StubBackbone whose maps are the image times a horizontal ramp, so not flip-equivariant:
+    only the right flip-and-flip-back makes the method's maps equal the ones computed here.
+    ramp=False: the image itself."""
     torch.manual_seed(0)
+    context = make_context("stub", total_steps=10, optimizer=OptimizerConfig(), context_class=StubContext,
+                           networks=[StubBackbone(3, CLASSES, ramp=ramp)])
     return NoiseAware(options, context)
 
 
@@ -280,26 +224,21 @@ def test_evaluation_model_is_the_plain_classifier():
     assert method.predict(torch.randn(2, 3, 32, 32)).shape == (2, CLASSES)
 
 
-def random_batch(generator: torch.Generator, size: int = 6) -> TrainBatch:
-    weak = torch.randn(size, 3, 64, 64, generator=generator)
-    return TrainBatch(labeled_weak=weak, labels=torch.randint(0, CLASSES, (size,), generator=generator),
-                      labeled_strong=weak + 0.3 * torch.randn(weak.shape, generator=generator))
+def noisy_pairs(generator: torch.Generator) -> TrainBatch:
+    """6 labeled 64x64 noise images, the strong view 0.3 more noise away."""
+    return random_batch(generator, labeled=6, size=64, strong_noise=0.3)
 
 
 def test_state_dict_round_trip_reproduces_the_next_step():
-    torch.manual_seed(0)
-    generator = torch.Generator().manual_seed(1)
-    method = NoiseAware(NoiseAwareOptions(), make_context())
-    for step in range(2):
-        method.train_step(random_batch(generator), step)
-    method.update_thresholds(method.threshold_statistics(torch.softmax(torch.randn(8, CLASSES), 1), None), 1)
-    state = save_and_load(method.state_dict())
+    def update_thresholds(method: NoiseAware) -> None:
+        probabilities = torch.softmax(torch.randn(8, CLASSES), 1)
+        method.update_thresholds(method.threshold_statistics(probabilities, None), 1)
 
-    torch.manual_seed(123)
-    resumed = NoiseAware(NoiseAwareOptions(), make_context())
-    resumed.load_state_dict(state)
-    batch = random_batch(generator)
-    assert method.train_step(batch, 2).losses == resumed.train_step(batch, 2).losses
+    generator = torch.Generator().manual_seed(1)
+    method, resumed, result, resumed_result = resume_and_step(
+        lambda: NoiseAware(NoiseAwareOptions(), make_context()), lambda: noisy_pairs(generator),
+        before_save=update_thresholds)
+    assert result.losses == resumed_result.losses
     for (name, left), (_, right) in zip(method.state_dict()["model"].items(),
                                         resumed.state_dict()["model"].items()):
         assert torch.equal(left, right), name
@@ -309,64 +248,21 @@ def test_state_dict_round_trip_reproduces_the_next_step():
 
 # --------------------------------------------------------------------------- learning checks
 
-COLOURS = torch.tensor([[1.0, -1.0, -1.0], [-1.0, 1.0, -1.0], [-1.0, -1.0, 1.0], [1.0, 1.0, -1.0]])
+def score_on_blobs(flipped: float) -> float:
+    """Held-out accuracy after 100 steps on 16 labeled blobs per class, a share `flipped` of them
+    relabeled to another class, with a threshold pass every 20 steps."""
+    def build(steps: int) -> NoiseAware:
+        return NoiseAware(NoiseAwareOptions(), make_context(total_steps=steps))
 
-
-def make_blobs(count: int, generator: torch.Generator, size: int = 32, noise: float = 1.5, radius: int = 6
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """4 classes: a disc of the class's colour at a random place, under Gaussian noise."""
-    labels = (torch.arange(count) % CLASSES)[torch.randperm(count, generator=generator)]
-    centres = torch.randint(radius, size - radius, (count, 2), generator=generator).float()
-    grid = torch.arange(size).float()
-    inside = ((grid[None, :, None] - centres[:, 0, None, None]) ** 2
-              + (grid[None, None, :] - centres[:, 1, None, None]) ** 2) <= radius ** 2
-    images = noise * torch.randn(count, 3, size, size, generator=generator)
-    return images + inside[:, None] * COLOURS[labels][:, :, None, None], labels
-
-
-def weak_view(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    flip = torch.rand(len(images), generator=generator) < 0.5
-    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-    return images.roll(torch.randint(-2, 3, (2,), generator=generator).tolist(), dims=(2, 3))
-
-
-def strong_view(weak: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Photometric changes and erasing on the weak view's geometry, as the input path makes it."""
-    images = weak + 0.5 * torch.randn(weak.shape, generator=generator)
-    images = images * (0.7 + 0.6 * torch.rand(len(weak), 3, 1, 1, generator=generator))
-    top, left = torch.randint(0, 22, (2,), generator=generator).tolist()
-    images[:, :, top:top + 10, left:left + 10] = 0.0
-    return images
-
-
-def train_and_score(seed: int, flipped: float = 0.0, steps: int = 100, batch_size: int = 16) -> float:
-    """Held-out accuracy after `steps` steps on 16 labeled blobs per class, a share `flipped` of
-    them relabeled to another class."""
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    labeled, labels = make_blobs(16 * CLASSES, generator)
-    flip_count = int(flipped * len(labels))
-    chosen = torch.randperm(len(labels), generator=generator)[:flip_count]
-    offsets = torch.randint(1, CLASSES, (flip_count,), generator=generator)
-    labels[chosen] = (labels[chosen] + offsets) % CLASSES
-    held_out, held_out_labels = make_blobs(200, generator)
-    method = NoiseAware(NoiseAwareOptions(), make_context(total_steps=steps))
-    for step in range(steps):
-        chosen = torch.randint(0, len(labeled), (batch_size,), generator=generator)
-        weak = weak_view(labeled[chosen], generator)
-        method.train_step(TrainBatch(labeled_weak=weak, labels=labels[chosen],
-                                     labeled_strong=strong_view(weak, generator)), step)
-        if (step + 1) % 20 == 0:
-            statistics = method.threshold_statistics(method.predict(labeled), labels)
-            method.update_thresholds(statistics, (step + 1) // 20)
-    return (method.predict(held_out).argmax(dim=1) == held_out_labels).float().mean().item()
+    return train_and_score(build, seed=0, steps=100, labeled_per_class=16, flipped=flipped,
+                           labeled_strong=True, thresholds=True)
 
 
 def test_learns_colour_blobs():
     # Seeds 0-5 reach 0.98, 0.88, 1.0, 0.995, 0.895, 0.99 (one thread); chance is 0.25.
-    assert train_and_score(seed=0) >= 0.6
+    assert score_on_blobs(flipped=0.0) >= 0.6
 
 
 def test_learns_colour_blobs_with_30_percent_flipped_labels():
     # Seeds 0-5 reach 0.615, 0.785, 0.905, 0.565, 0.79, 0.905 (one thread); chance is 0.25.
-    assert train_and_score(seed=0, flipped=0.3) >= 0.45
+    assert score_on_blobs(flipped=0.3) >= 0.45

@@ -3,28 +3,14 @@ a non-VGG backbone is refused; exact resume; a mini learning check on synthetic 
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 from timm.models.vgg import VGG
 from torch import nn
 
-from pipeline.methods.base import MethodContext, OptimizerConfig, TrainBatch, find_method
+from pipeline.methods.base import MethodContext, OptimizerConfig, find_method
 from pipeline.methods.vgg_baseline import VggBaseline, VggBaselineOptions
-from pipeline.models import ModelConfig
-
-CLASSES = 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU the extra threads'
-    spin-waits made the learning check 20x slower; one thread also makes the runs reproducible."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from synthetic import CLASSES, make_context, random_batch, resume_and_step, train_and_score
 
 
 class TinyVggContext(MethodContext):
@@ -35,21 +21,8 @@ class TinyVggContext(MethodContext):
         return VGG(cfg=[16, "M", 32, "M", 64, "M"], mlp_ratio=1 / 64, num_classes=self.num_classes)
 
 
-def tiny_context(total_steps: int = 100, lr: float = 3e-4) -> MethodContext:
-    return TinyVggContext(model=ModelConfig(backbone="tiny_vgg", channels_last=False, num_classes=CLASSES),
-                          optimizer=OptimizerConfig(lr=lr), total_steps=total_steps, num_classes=CLASSES)
-
-
-def save_and_load(state: dict) -> dict:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
-
-def random_batch(generator: torch.Generator, size: int = 8) -> TrainBatch:
-    return TrainBatch(labeled_weak=torch.randn(size, 3, 32, 32, generator=generator),
-                      labels=torch.randint(0, CLASSES, (size,), generator=generator))
+def tiny_context(total_steps: int = 100) -> MethodContext:
+    return make_context("tiny_vgg", total_steps, lr=3e-4, context_class=TinyVggContext)
 
 
 FC_LAYERS = ("pre_logits.fc1.", "pre_logits.fc2.", "head.fc.")
@@ -63,8 +36,7 @@ def test_registered_with_labeled_weak_only():
 
 def test_vgg16_trains_exactly_its_three_fc_layers_at_32_pixels():
     torch.manual_seed(0)
-    context = MethodContext(model=ModelConfig(backbone="vgg16", channels_last=False, num_classes=CLASSES),
-                            optimizer=OptimizerConfig(), total_steps=10, num_classes=CLASSES)
+    context = make_context("vgg16", total_steps=10, optimizer=OptimizerConfig())
     method = VggBaseline(VggBaselineOptions(), context)
     trainable = {name for name, parameter in method.model.named_parameters() if parameter.requires_grad}
     assert trainable == {prefix + suffix for prefix in FC_LAYERS for suffix in ("weight", "bias")}
@@ -116,25 +88,16 @@ def test_label_smoothing_is_the_smoothed_cross_entropy():
 
 
 def test_a_backbone_that_is_not_vgg_is_refused():
-    context = MethodContext(
-        model=ModelConfig(backbone="test_resnet", channels_last=False, num_classes=CLASSES),
-        optimizer=OptimizerConfig(), total_steps=10, num_classes=CLASSES)
+    context = make_context(total_steps=10, optimizer=OptimizerConfig())
     with pytest.raises(ValueError, match=r"model\.backbone.*'test_resnet'"):
         VggBaseline(VggBaselineOptions(), context)
 
 
 def test_state_dict_round_trip_reproduces_the_next_step():
-    torch.manual_seed(0)
     generator = torch.Generator().manual_seed(1)
-    method = VggBaseline(VggBaselineOptions(), tiny_context())
-    for step in range(2):
-        method.train_step(random_batch(generator), step)
-    state = save_and_load(method.state_dict())
-    torch.manual_seed(123)
-    resumed = VggBaseline(VggBaselineOptions(), tiny_context())
-    resumed.load_state_dict(state)
-    batch = random_batch(generator)
-    assert method.train_step(batch, 2).losses == resumed.train_step(batch, 2).losses
+    method, resumed, result, resumed_result = resume_and_step(
+        lambda: VggBaseline(VggBaselineOptions(), tiny_context()), lambda: random_batch(generator))
+    assert result.losses == resumed_result.losses
     for (name, left), (_, right) in zip(method.model.state_dict().items(),
                                         resumed.model.state_dict().items()):
         assert torch.equal(left, right), name
@@ -142,41 +105,10 @@ def test_state_dict_round_trip_reproduces_the_next_step():
 
 # --------------------------------------------------------------------------- learning check
 
-COLOURS = torch.tensor([[1.0, -1.0, -1.0], [-1.0, 1.0, -1.0], [-1.0, -1.0, 1.0], [1.0, 1.0, -1.0]])
-
-
-def make_blobs(count: int, generator: torch.Generator, size: int = 32, noise: float = 1.5, radius: int = 6
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """4 classes: a disc of the class's colour at a random place, under Gaussian noise."""
-    labels = (torch.arange(count) % CLASSES)[torch.randperm(count, generator=generator)]
-    centres = torch.randint(radius, size - radius, (count, 2), generator=generator).float()
-    grid = torch.arange(size).float()
-    inside = ((grid[None, :, None] - centres[:, 0, None, None]) ** 2
-              + (grid[None, None, :] - centres[:, 1, None, None]) ** 2) <= radius ** 2
-    images = noise * torch.randn(count, 3, size, size, generator=generator)
-    return images + inside[:, None] * COLOURS[labels][:, :, None, None], labels
-
-
-def weak_view(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    flip = torch.rand(len(images), generator=generator) < 0.5
-    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-    return images.roll(torch.randint(-2, 3, (2,), generator=generator).tolist(), dims=(2, 3))
-
-
-def train_and_score(seed: int, steps: int = 150, batch_size: int = 16) -> float:
-    """Held-out accuracy of the FC layers on frozen random convolutions, 8 labeled blobs per class."""
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    labeled, labels = make_blobs(8 * CLASSES, generator)
-    held_out, held_out_labels = make_blobs(200, generator)
-    method = VggBaseline(VggBaselineOptions(), tiny_context(total_steps=steps))
-    for step in range(steps):
-        chosen = torch.randint(0, len(labeled), (batch_size,), generator=generator)
-        batch = TrainBatch(labeled_weak=weak_view(labeled[chosen], generator), labels=labels[chosen])
-        method.train_step(batch, step)
-    return (method.predict(held_out).argmax(dim=1) == held_out_labels).float().mean().item()
-
-
 def test_learns_colour_blobs_on_frozen_convolutions():
     # Seeds 0-5 reach 0.815, 0.85, 0.86, 0.82, 0.735, 0.585 (one thread); chance is 0.25.
-    assert train_and_score(seed=0) >= 0.45
+    # The FC layers on frozen random convolutions, 150 steps on 8 labeled blobs per class.
+    def build(steps: int) -> VggBaseline:
+        return VggBaseline(VggBaselineOptions(), tiny_context(total_steps=steps))
+
+    assert train_and_score(build, seed=0, steps=150) >= 0.45
