@@ -16,9 +16,11 @@ import sys
 import time
 
 import numpy as np
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pipeline.training import checkpoint  # noqa: E402
 from pipeline.training.config import load_config  # noqa: E402
 from pipeline.training.loop import Trainer  # noqa: E402
 
@@ -50,6 +52,17 @@ def run_one(recipe: str, overrides: list[str]) -> dict:
     }
 
 
+def export_supervised_backbone(run_folder: str, path: str) -> str:
+    """The supervised run's final network as a plain state dict, for `model.pretrained_path`:
+    every method then starts from the same trained network, head included (the papers all start
+    from pretrained backbones; from scratch, few labels leave SSL targets mostly noise)."""
+    if not os.path.exists(path):
+        state = checkpoint.load(checkpoint.latest(run_folder))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(state["method"]["model"], path)
+    return path
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--split", default="demo_run/split")
@@ -60,6 +73,9 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=48)
     parser.add_argument("--unlabeled-ratio", type=int, default=2)
     parser.add_argument("--only", nargs="*", help="configuration names to run (default: all)")
+    parser.add_argument("--init-from-supervised", action="store_true",
+                        help="start every method from the backbone of this script's supervised run "
+                             "of the same seed (run without this flag first)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per run (run two of these scripts side by side on 2 cores)")
     parser.add_argument("--out", default="bench_out/learning.json")
@@ -86,6 +102,11 @@ def main() -> int:
                 f"run.name=learning-{name}-seed{seed}",
                 "evaluation.windows=[10,30]", f"run.threads={arguments.threads}", *extra,
             ]
+            if arguments.init_from_supervised:
+                weights = export_supervised_backbone(
+                    f"bench_out/runs/learning-supervised-seed{seed}", f"bench_out/init/supervised-seed{seed}.pt")
+                overrides += [f"model.pretrained_path={weights}", "model.pretrained_head=true",
+                              f"run.name=learning-warm-{name}-seed{seed}"]
             print(f"== {name} seed {seed}: python -m jobs.train --config jobs/recipes/{recipe}.yaml "
                   + " ".join(f"--set {item}" for item in overrides), flush=True)
             outcome = run_one(recipe, overrides)

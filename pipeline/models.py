@@ -25,6 +25,9 @@ class ModelConfig:
     """Load timm's published weights (needs the hub, or timm's cache, to be reachable)."""
     pretrained_path: str | None = None
     """A local or s3:// weight file (safetensors, timm or torch checkpoint) loaded into the backbone."""
+    pretrained_head: bool = False
+    """Also load the classifier head from `pretrained_path` (a warm start from a network trained
+    on the same 8 classes); by default the head stays fresh."""
     drop_rate: float = 0.0
     channels_last: bool = True
     num_classes: int = schema.NUM_CLASSES
@@ -46,7 +49,7 @@ def create_model(config: ModelConfig) -> nn.Module:
             raise ValueError(f"model.backbone: {error}") from None
         raise
     if config.pretrained_path:
-        load_backbone_weights(model, config.pretrained_path)
+        load_backbone_weights(model, config.pretrained_path, include_head=config.pretrained_head)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -76,14 +79,15 @@ def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
             if isinstance(value, torch.Tensor)}
 
 
-def load_backbone_weights(model: nn.Module, uri: str) -> None:
-    """Load every backbone tensor from `uri`; the classifier head is left fresh.
+def load_backbone_weights(model: nn.Module, uri: str, include_head: bool = False) -> None:
+    """Load every backbone tensor from `uri`; the classifier head is left fresh unless
+    `include_head` (then it must be in the file with the model's shapes).
 
     A head of another size (a face-recognition or ImageNet checkpoint) is expected and skipped;
     any other missing, unexpected or mis-shaped tensor is an error that lists them.
     """
     state = read_state_dict(uri)
-    head_names = _head_parameter_names(model)
+    head_names = set() if include_head else _head_parameter_names(model)
     own = model.state_dict()
     shape_mismatch = [f"{key}: file {tuple(value.shape)} vs model {tuple(own[key].shape)}"
                       for key, value in state.items()

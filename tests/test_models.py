@@ -72,3 +72,17 @@ def test_missing_file_and_conflicting_options():
         create_model(tiny(pretrained_path="/nonexistent/weights.pt"))
     with pytest.raises(ValueError, match="either pretrained or pretrained_path"):
         create_model(tiny(pretrained=True, pretrained_path="/x.pt"))
+
+
+def test_warm_start_can_keep_the_head(tmp_path):
+    source = create_model(tiny())
+    path = tmp_path / "trained.pt"
+    torch.save(source.state_dict(), path)
+    fresh_head = create_model(tiny(pretrained_path=str(path)))
+    warm = create_model(tiny(pretrained_path=str(path), pretrained_head=True))
+    assert torch.equal(warm.state_dict()["fc.weight"], source.state_dict()["fc.weight"])
+    assert not torch.equal(fresh_head.state_dict()["fc.weight"], source.state_dict()["fc.weight"])
+    foreign = tmp_path / "foreign.pt"
+    torch.save(create_model(ModelConfig(backbone="test_resnet", num_classes=5, channels_last=False)).state_dict(), foreign)
+    with pytest.raises(WeightLoadError, match="shape mismatch"):
+        create_model(tiny(pretrained_path=str(foreign), pretrained_head=True))
