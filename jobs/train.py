@@ -3,11 +3,16 @@
     python -m jobs.train --config jobs/recipes/demo_supervised.yaml [--set key=value ...]
     python -m jobs.train --config jobs/recipes/abaw5_dtm.yaml --set data.split=s3://bucket/split \
         --set run.storage=s3://bucket/runs
+    python -m jobs.train --config jobs/recipes/demo_abaw5_dtm.yaml --set scaling.num_workers=2 \
+        --set scaling.cpus_per_worker=0.5      # Ray Train on a local Ray (the embedded default)
+    ray job submit --address http://<head>:8265 --working-dir . -- python -m jobs.train \
+        --config jobs/recipes/abaw5_dtm.yaml --set scaling.num_workers=8 --set run.storage=s3://...
 
-Writes `<run.storage>/<run.name>/`: checkpoints/epoch-NNNN.pt, metrics.jsonl (one line per
-epoch: validation macro-F1 raw and smoothed, per-class F1, confusion matrix, thresholds,
-pseudo-label acceptance and histogram, images/s) and metrics.json at the end. Re-running the same
-command with the same run name resumes from the latest checkpoint.
+Writes `<run.storage>/<run.name>/`: metrics.jsonl (one line per epoch: validation macro-F1 raw and
+smoothed, per-class F1, confusion matrix, thresholds, pseudo-label acceptance and histogram,
+images/s) and metrics.json at the end; checkpoints/epoch-NNNN.pt in one process, Ray Train's
+checkpoint_* folders (plus workers/rank-NNNN.jsonl) with `scaling.num_workers > 0`. Re-running the
+same command with the same run name resumes from the latest checkpoint.
 """
 
 from __future__ import annotations
@@ -41,15 +46,28 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(to_mapping(config), indent=1))
         return 0
+    summary_keys = ("method", "run", "epochs", "best_epoch", "best_macro_f1")
     if config.scaling.num_workers > 0:
-        print("error: scaling.num_workers > 0 needs the Ray Train adapter (distributed training)",
-              file=sys.stderr)
-        return 2
+        from pipeline import distributed, storage
+        from pipeline.raydata import ensure_ray
+        from pipeline.training.loop import FINAL_METRICS
+
+        try:
+            trainer = distributed.build_trainer(config)
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        ensure_ray(dashboard=True)
+        result = trainer.fit()
+        final = storage.read_json(storage.join(distributed.run_folder(config), FINAL_METRICS))
+        summary = {key: final[key] for key in summary_keys}
+        summary["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+        print(json.dumps(summary))
+        return 0
     from pipeline.training.loop import Trainer
 
     final = Trainer(config).fit()
-    print(json.dumps({key: final[key] for key in ("method", "run", "epochs", "best_epoch",
-                                                    "best_macro_f1")}))
+    print(json.dumps({key: final[key] for key in summary_keys}))
     return 0
 
 

@@ -16,8 +16,12 @@ import numpy as np
 from pipeline.ingest import UnitResult, UnitTask
 
 
-def ensure_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
-    """Join the running cluster (RAY_ADDRESS) or start a local Ray once per process."""
+def ensure_ray(num_cpus: int | None = None, quiet: bool = True, dashboard: bool = False) -> None:
+    """Join the running cluster (RAY_ADDRESS) or start a local Ray once per process.
+
+    `dashboard=True` for Ray Train/Tune: Train V2's controller and placement-group cleanup talk
+    to the dashboard's state API (without it they log errors and can leak placement groups).
+    """
     import ray
 
     if ray.is_initialized():
@@ -26,7 +30,7 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
                                "log_to_driver": True}
     if not os.environ.get("RAY_ADDRESS"):
         options["num_cpus"] = num_cpus
-        options["include_dashboard"] = False
+        options["include_dashboard"] = dashboard
         # Workers inherit the driver's environment (S3 endpoint, credentials) on a local Ray;
         # on a cluster the job's runtime_env carries them.
         environment = {key: value for key, value in os.environ.items()

@@ -76,8 +76,9 @@ class UnlabeledStream:
 
     Each pass visits the pool's files in a fresh seeded order (this rank's share of them when
     several workers read), filters each record batch to the pool with `split.unlabeled_mask`, and
-    shuffles within blocks of `shuffle_buffer` rows. The position is checkpointed at record-batch
-    granularity, so a resumed run continues with the next unseen batch.
+    shuffles within blocks of `shuffle_buffer` rows. The sequence is a pure function of
+    (seed, pass, rank), so the checkpointed position is (pass, images handed out) and a resumed
+    stream replays the pass up to there without decoding: it continues exactly.
     """
 
     def __init__(self, split_dir: str, seed: int, shuffle_buffer: int = 4096,
@@ -93,7 +94,8 @@ class UnlabeledStream:
         self.world_size = world_size
         self.read_rows = read_rows
         self.pass_number = 0
-        self.batches_done = 0  # record batches consumed in this pass (for resuming)
+        self.emitted = 0  # images handed out in this pass: the exact resume position
+        self._skip = 0
         self._iterator: Iterator[bytes] | None = None
 
     def _files_for_pass(self, pass_number: int) -> list[str]:
@@ -116,29 +118,32 @@ class UnlabeledStream:
                                                       value_set=pa.array(self.sources)))
                     yield table.filter(mask)
 
+    def _pass_images(self, pass_number: int) -> Iterator[bytes]:
+        rng = np.random.default_rng([self.seed, pass_number, self.rank, 1])
+        buffer: list[bytes] = []
+        for table in self._record_batches(pass_number):
+            buffer.extend(table[schema.IMAGE].to_pylist())
+            if len(buffer) >= self.shuffle_buffer:
+                for index in rng.permutation(len(buffer)):
+                    yield buffer[index]
+                buffer = []
+        for index in rng.permutation(len(buffer)):
+            yield buffer[index]
+
     def _images(self) -> Iterator[bytes]:
         while True:
-            rng = np.random.default_rng([self.seed, self.pass_number, self.rank, 1])
-            skip = self.batches_done
-            buffer: list[bytes] = []
             produced = 0
-            for number, table in enumerate(self._record_batches(self.pass_number)):
-                if number < skip:
-                    continue
-                buffer.extend(table[schema.IMAGE].to_pylist())
-                self.batches_done = number + 1
-                if len(buffer) >= self.shuffle_buffer:
-                    for index in rng.permutation(len(buffer)):
-                        yield buffer[index]
-                    produced += len(buffer)
-                    buffer = []
-            for index in rng.permutation(len(buffer)):
-                yield buffer[index]
-            produced += len(buffer)
-            if produced == 0 and skip == 0:
+            for image in self._pass_images(self.pass_number):
+                produced += 1
+                if produced <= self._skip:
+                    continue  # replaying up to the resumed position
+                self.emitted = produced
+                yield image
+            if produced == 0:
                 raise ValueError("the unlabeled pool has no row for this worker and filter")
             self.pass_number += 1
-            self.batches_done = 0
+            self.emitted = 0
+            self._skip = 0
 
     def take(self, count: int) -> list[bytes]:
         if self._iterator is None:
@@ -146,9 +151,9 @@ class UnlabeledStream:
         return [next(self._iterator) for _ in range(count)]
 
     def state_dict(self) -> dict[str, int]:
-        return {"pass_number": self.pass_number, "batches_done": self.batches_done}
+        return {"pass_number": self.pass_number, "emitted": self.emitted}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.pass_number = int(state["pass_number"])
-        self.batches_done = int(state["batches_done"])
+        self.emitted = self._skip = int(state["emitted"])
         self._iterator = None

@@ -2,7 +2,9 @@
 over the whole labeled set, validation, metrics and checkpoints.
 
 Pure PyTorch. The Ray Train adapter runs this same loop per worker, passing torch.distributed
-`Collectives`, its rank and a `report` callback; nothing here knows about Ray.
+`Collectives`, its rank and a `report` callback; nothing here knows about Ray. With several
+workers the replicas stay identical: gradients are averaged before every optimizer step and rank
+0's method state is broadcast once per epoch (BatchNorm buffers are per-worker running averages).
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ FINAL_METRICS = "metrics.json"
 
 Reporter = Callable[[dict[str, Any], str | None], None]
 
+WORKER_STATE_KEYS = ("unlabeled", "rng", "input_rng", "view_generator", "history")
+"""The parts of `Trainer.state()` that are each worker's own: its share of the unlabeled stream,
+its random generators and its metrics history. The rest is identical on every worker."""
+WORKER_METRICS_FOLDER = "workers"
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -44,6 +51,75 @@ def sync_threshold_statistics(statistics: ClassStatistics, collectives: Collecti
     """Sum one epoch's per-class sums and counts over every worker, so each applies the same update."""
     summed = collectives.all_reduce_sum(statistics.as_tensor())
     return ClassStatistics.from_tensor(summed)
+
+
+def average_gradients(parameters: list[torch.Tensor], collectives: Collectives) -> None:
+    """Replace each gradient by its mean over the workers (data-parallel SGD, as DDP averages).
+
+    A gradient missing on some workers counts as zero there; one missing on every worker stays
+    None, so the optimizer skips that parameter as it would in one process.
+    """
+    present = torch.tensor([parameter.grad is not None for parameter in parameters], dtype=torch.float64)
+    present = collectives.all_reduce_sum(present) > 0
+    reduced = [parameter for parameter, flag in zip(parameters, present.tolist()) if flag]
+    for parameter in reduced:
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+    _reduce_in_place([parameter.grad for parameter in reduced], collectives.all_reduce_mean)
+
+
+def synchronize_replicas(method: Method, collectives: Collectives, rank: int) -> None:
+    """Give every worker rank 0's method state (networks, EMA, optimizers, thresholds): at the start,
+    so replicas begin equal, and after each epoch, for the BatchNorm buffers each worker averaged
+    over its own batches. A broadcast written as a sum to which only rank 0 contributes."""
+    tensors: list[torch.Tensor] = []
+
+    def collect(tensor: torch.Tensor) -> torch.Tensor:
+        tensors.append(tensor)
+        return tensor
+
+    state = _map_tensors(method.state_dict(), collect)
+    count = torch.tensor(float(sum(tensor.numel() for tensor in tensors)), dtype=torch.float64)
+    if float(collectives.all_reduce_mean(count)) != float(count):
+        raise RuntimeError("workers hold method states of different sizes; cannot synchronise them")
+    values = [tensor.detach().clone() if rank == 0 else torch.zeros_like(tensor) for tensor in tensors]
+    _reduce_in_place(values, collectives.all_reduce_sum)
+    replacements = iter(values)
+    method.load_state_dict(_map_tensors(state, lambda tensor: next(replacements)))
+
+
+def _reduce_in_place(tensors: list[torch.Tensor], reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """One collective per (dtype, device) group over the tensors flattened, written back in place."""
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for tensor in tensors:
+        if tensor.dtype == torch.float64:
+            carrier = torch.float64
+        elif tensor.is_floating_point():
+            carrier = torch.float32  # float16/bfloat16 -> float32 and back is exact
+        else:
+            carrier = torch.int64  # counters, bools
+        groups.setdefault((carrier, tensor.device), []).append(tensor)
+    for (carrier, _), group in groups.items():
+        flat = reduce(torch.cat([tensor.reshape(-1).to(carrier) for tensor in group]))
+        offset = 0
+        for tensor in group:
+            tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
+            offset += tensor.numel()
+
+
+def _map_tensors(value: Any, function: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """`value` with every tensor in its nested dicts, lists and tuples replaced by function(tensor),
+    visited in a fixed order (the same on every worker)."""
+    if isinstance(value, torch.Tensor):
+        return function(value)
+    if isinstance(value, dict):
+        mapped = type(value)((key, _map_tensors(item, function)) for key, item in value.items())
+        if hasattr(value, "_metadata"):  # nn.Module.state_dict's per-module versions
+            mapped._metadata = value._metadata
+        return mapped
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_tensors(item, function) for item in value)
+    return value
 
 
 @dataclass
@@ -68,13 +144,16 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, collectives: Collectives | None = None, rank: int = 0,
                  world_size: int = 1, report: Reporter | None = None,
-                 run_folder: str | None = None) -> None:
+                 run_folder: str | None = None, save_checkpoints: bool = True) -> None:
+        """`save_checkpoints=False` leaves checkpoints to the caller (Ray Train saves them from the
+        `report` callback and restores them with `load_state`); metrics still go to `run_folder`."""
         self.config = config
         self.collectives = collectives or Collectives()
         self.rank = rank
         self.world_size = world_size
         self.report = report
         self.run_folder = run_folder or storage.join(config.run.storage, config.run.name)
+        self.save_checkpoints = save_checkpoints
         self.device = resolve_device(config.run.device)
         if config.run.threads:
             torch.set_num_threads(config.run.threads)
@@ -102,6 +181,16 @@ class Trainer:
         self.epoch = 0
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
+        if world_size > 1:
+            optimizers = _optimizers(self.method)
+            if not optimizers:
+                raise RuntimeError(f"{config.method}: no optimizer attribute to average gradients for")
+            for optimizer in optimizers:
+                optimizer.register_step_pre_hook(self._average_gradients)
+
+    def _average_gradients(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        average_gradients([parameter for group in optimizer.param_groups for parameter in group["params"]],
+                          self.collectives)
 
     # --------------------------------------------------------------------------- checkpoints
 
@@ -119,23 +208,39 @@ class Trainer:
             "config": json.dumps(to_mapping(self.config)),
         }
 
+    def worker_state(self) -> dict[str, Any]:
+        """This worker's own part of `state()` (see WORKER_STATE_KEYS)."""
+        state = self.state()
+        return {key: state[key] for key in WORKER_STATE_KEYS}
+
     def load_state(self, state: dict[str, Any]) -> None:
+        """Restore `state()`. A state without the WORKER_STATE_KEYS (a worker whose own part was not
+        saved) keeps this worker's fresh stream, generators and history."""
         self.method.load_state_dict(state["method"])
         self.sampler.load_state_dict(state["sampler"])
-        if self.unlabeled and state["unlabeled"]:
+        if self.unlabeled and state.get("unlabeled"):
             self.unlabeled.load_state_dict(state["unlabeled"])
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
-        checkpoint.restore_rng_state(state["rng"], self.numpy_generator)
-        checkpoint.restore_rng_state(state["input_rng"], self.inputs.rng)
-        self.inputs.generator.set_state(state["view_generator"])
-        self.history = json.loads(state["history"])
+        if "rng" in state:
+            checkpoint.restore_rng_state(state["rng"], self.numpy_generator)
+        if "input_rng" in state:
+            checkpoint.restore_rng_state(state["input_rng"], self.inputs.rng)
+        if "view_generator" in state:
+            self.inputs.generator.set_state(state["view_generator"])
+        if "history" in state:
+            self.history = json.loads(state["history"])
 
     def resume_if_possible(self, uri: str | None = None) -> bool:
-        uri = uri or (checkpoint.latest(self.run_folder) if self.config.run.resume else None)
+        """Load `uri`, or else the run folder's latest checkpoint when this trainer owns checkpoints
+        (`save_checkpoints`) and `run.resume` is on."""
+        owns_checkpoints = self.save_checkpoints and self.config.run.resume
+        uri = uri or (checkpoint.latest(self.run_folder) if owns_checkpoints else None)
         if not uri:
             return False
-        self.load_state(checkpoint.load(uri, map_location=self.device))
+        # Load on the CPU: RNG states must stay CPU tensors, and load_state_dict copies the
+        # weights into the (possibly CUDA) parameters anyway.
+        self.load_state(checkpoint.load(uri, map_location="cpu"))
         return True
 
     # --------------------------------------------------------------------------- one epoch
@@ -206,8 +311,14 @@ class Trainer:
     # --------------------------------------------------------------------------- the run
 
     def epoch_metrics(self, totals: EpochTotals, validation: dict[str, Any] | None) -> dict[str, Any]:
+        """The epoch's record. Pseudo-label counts and images/s total are summed over workers (one
+        all-reduce); losses and images_per_second are this worker's."""
         thresholds = self.method.thresholds()
-        accepted = totals.accepted
+        images_per_second = totals.images / max(totals.seconds, 1e-9)
+        local = torch.cat([totals.accepted,
+                           torch.tensor([totals.candidates, images_per_second], dtype=torch.float64)])
+        summed = self.collectives.all_reduce_sum(local).to("cpu", torch.float64)
+        accepted, candidates = summed[:schema.NUM_CLASSES], int(round(float(summed[-2])))
         return {
             "epoch": self.epoch,
             "step": self.global_step,
@@ -215,36 +326,43 @@ class Trainer:
             "learning_rates": [group["lr"] for optimizer in _optimizers(self.method)
                                for group in optimizer.param_groups],
             "thresholds": thresholds.tolist() if thresholds is not None else None,
-            "pseudo_label_acceptance_rate": (float(accepted.sum() / totals.candidates)
-                                             if totals.candidates else None),
-            "pseudo_label_histogram": accepted.long().tolist() if totals.candidates else None,
-            "images_per_second": totals.images / max(totals.seconds, 1e-9),
+            "pseudo_label_acceptance_rate": float(accepted.sum() / candidates) if candidates else None,
+            "pseudo_label_histogram": accepted.round().long().tolist() if candidates else None,
+            "images_per_second": images_per_second,
+            "images_per_second_total": float(summed[-1]),
             "undecodable_images": totals.undecodable,
             "validation": validation,
         }
 
     def write_metrics(self) -> None:
-        if self.rank != 0:
-            return
-        lines = "".join(json.dumps(record) + "\n" for record in self.history)
-        storage.write_bytes_atomic(storage.join(self.run_folder, METRICS_LINES), lines.encode())
+        """metrics.jsonl from rank 0; with several workers also workers/rank-NNNN.jsonl from each."""
+        lines = "".join(json.dumps(record) + "\n" for record in self.history).encode()
+        if self.rank == 0:
+            storage.write_bytes_atomic(storage.join(self.run_folder, METRICS_LINES), lines)
+        if self.world_size > 1:
+            storage.write_bytes_atomic(worker_metrics_uri(self.run_folder, self.rank), lines)
 
     def fit(self) -> dict[str, Any]:
         self.resume_if_possible()
         config = self.config
+        if self.world_size > 1:
+            synchronize_replicas(self.method, self.collectives, self.rank)
         try:
             while self.epoch < config.run.epochs:
                 totals = self.train_epoch()
                 self.epoch += 1
+                if self.world_size > 1:
+                    synchronize_replicas(self.method, self.collectives, self.rank)
                 self.update_thresholds()
                 validation = None
-                if self.epoch % config.evaluation.every_epochs == 0 or self.epoch == config.run.epochs:
+                due = self.epoch % config.evaluation.every_epochs == 0 or self.epoch == config.run.epochs
+                if due and self.rank == 0:  # replicas are identical: one worker validates
                     validation = self.evaluate()
                 record = self.epoch_metrics(totals, validation)
                 self.history.append(record)
                 self.write_metrics()
                 saved = None
-                if self.rank == 0:
+                if self.rank == 0 and self.save_checkpoints:
                     saved = checkpoint.save(self.run_folder, self.epoch, self.state(),
                                             config.run.checkpoints_to_keep)
                 if self.report:
@@ -271,6 +389,10 @@ class Trainer:
             "best_macro_f1": best["validation"]["macro_f1"] if best else None,
             "config": to_mapping(self.config),
         }
+
+
+def worker_metrics_uri(run_folder: str, rank: int) -> str:
+    return storage.join(run_folder, WORKER_METRICS_FOLDER, f"rank-{rank:04d}.jsonl")
 
 
 def _optimizers(method: Method) -> list[torch.optim.Optimizer]:

@@ -1,0 +1,233 @@
+"""The Ray Train adapter: `Trainer` once per Ray Train worker over torch.distributed (gloo on CPU,
+NCCL on GPU), with Ray owning checkpoints, restarts after a failure and resume by run name.
+
+Data, for now: every worker holds the (small) labeled set and draws its own class-balanced sample
+(`ClassBalancedSampler`, seeded by seed, epoch and rank), and reads its own share of the unlabeled
+pool's files (`UnlabeledStream`, sharded by rank). Each rank takes exactly `run.steps_per_epoch`
+steps per epoch, so the per-step collectives and the per-epoch reports pair up. The next step is to
+stream the pool through Ray Data (decode + views in `map_batches`, one long-lived split iterator
+per worker across epochs, `DataConfig(datasets_to_split=["unlabeled"])`); it is not started here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train.torch import TorchTrainer
+
+from pipeline import schema, storage
+from pipeline.config import ConfigError
+from pipeline.methods.base import Collectives
+from pipeline.training import checkpoint
+from pipeline.training.config import TrainConfig, load_config, to_mapping
+from pipeline.training.loop import WORKER_STATE_KEYS, Trainer
+
+WORKER_CHECKPOINT_FOLDER = "workers"
+
+
+class TorchCollectives(Collectives):
+    """`Collectives` over the default torch.distributed process group (Ray Train sets it up).
+
+    Inputs are never modified; each call returns a new tensor on the input's device and dtype
+    (float for a mean of integers), moved through the backend's device (CUDA for NCCL).
+    """
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("TorchCollectives needs an initialised torch.distributed process group")
+        backend_device = (torch.device("cuda", torch.cuda.current_device())
+                          if dist.get_backend() == "nccl" else torch.device("cpu"))
+        work = tensor.detach().to(backend_device, copy=True)
+        dist.all_reduce(work, op=dist.ReduceOp.SUM)
+        return work.to(tensor.device)
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.all_reduce_sum(tensor) / self.world_size
+
+
+RAY_CHECKPOINT_LIST = "checkpoint_manager_snapshot.json"
+"""Where Ray Train 2.60 lists the checkpoints its controller registered, in the run folder."""
+
+
+def registered_epochs(folder: str) -> list[int]:
+    """Epochs of the checkpoints Ray has registered for the run in `folder` (oldest first)."""
+    uri = storage.join(folder, RAY_CHECKPOINT_LIST)
+    try:
+        snapshot = storage.read_json(uri) if storage.exists(uri) else {}
+    except ValueError:  # caught mid-write
+        return []
+    results = snapshot.get("checkpoint_results") or []
+    return [int(result["metrics"]["epoch"]) for result in results if "epoch" in result.get("metrics", {})]
+
+
+@dataclass
+class WorkerKill:
+    """Fault injection for tests: worker `rank` SIGKILLs its own process when it is about to report
+    `epoch` (so that epoch's checkpoint is never registered), once per run: `marker` is created
+    first and a later attempt that finds it carries on.
+
+    It first waits until Ray has registered the previous epoch's checkpoint: the controller takes
+    reports in when it next polls the workers (every 2 s by default), and a worker that dies
+    before then loses that checkpoint too (its folder stays in storage, unlisted)."""
+
+    rank: int
+    epoch: int
+    marker: str
+    wait_seconds: float = 120.0
+
+    def maybe_kill(self, rank: int, epoch: int, run_folder: str) -> None:
+        if rank != self.rank or epoch != self.epoch or os.path.exists(self.marker):
+            return
+        deadline = time.monotonic() + self.wait_seconds
+        while epoch - 1 not in registered_epochs(run_folder) and epoch > 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        with open(self.marker, "w") as handle:
+            handle.write(f"killed rank {rank} before reporting epoch {epoch}, pid {os.getpid()}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------------- the worker side
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """What each Ray Train worker runs: the library's Trainer, with Ray's rank, collectives,
+    reports and checkpoints."""
+    config = load_config(base=loop_config["config"])
+    kill = WorkerKill(**loop_config["kill_worker"]) if loop_config.get("kill_worker") else None
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    reporter = RayReporter(rank, kill)
+    trainer = Trainer(config, collectives=TorchCollectives(), rank=rank, world_size=world_size,
+                      report=reporter, run_folder=run_folder(config), save_checkpoints=False)
+    reporter.trainer = trainer
+    restored = ray.train.get_checkpoint()  # a restart after a failure, or a re-run of the same name
+    if restored is not None:
+        with restored.as_directory() as folder:
+            trainer.load_state(read_checkpoint(folder, rank))
+    trainer.fit()
+
+
+class RayReporter:
+    """The Trainer's per-epoch `report`: `ray.train.report` on every rank (it is a barrier), each
+    with a checkpoint directory that Ray merges: rank 0 writes the full state as
+    `checkpoints/epoch-NNNN.pt` (the single-process layout), every other rank its own part
+    (`workers/rank-NNNN.pt`: stream position, random generators, history)."""
+
+    def __init__(self, rank: int, kill: WorkerKill | None = None) -> None:
+        self.rank = rank
+        self.kill = kill
+        self.trainer: Trainer | None = None
+
+    def __call__(self, record: dict[str, Any], saved: str | None) -> None:
+        assert self.trainer is not None, "RayReporter.trainer is set before fit()"
+        with tempfile.TemporaryDirectory() as folder:
+            if self.rank == 0:
+                checkpoint.save(folder, record["epoch"], self.trainer.state(), keep=0)
+            else:
+                save_worker_state(folder, self.rank, self.trainer.worker_state())
+            if self.kill:
+                self.kill.maybe_kill(self.rank, record["epoch"], self.trainer.run_folder)
+            ray.train.report(flat_metrics(record), checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def save_worker_state(folder: str, rank: int, state: dict[str, Any]) -> None:
+    path = os.path.join(folder, WORKER_CHECKPOINT_FOLDER, f"rank-{rank:04d}.pt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(state, path)
+
+
+def read_checkpoint(folder: str, rank: int) -> dict[str, Any]:
+    """The state for `rank` from a merged checkpoint directory: rank 0's full state with this rank's
+    own part in place of rank 0's (a rank without one, after the worker count grew, keeps its fresh
+    stream and generators). CPU first: the networks move to their device as they load."""
+    uri = checkpoint.latest(folder)
+    if uri is None:
+        raise FileNotFoundError(f"{folder}: no checkpoints/epoch-NNNN.pt in the Ray checkpoint")
+    state = checkpoint.load(uri, map_location="cpu")
+    if rank != 0:
+        for key in WORKER_STATE_KEYS:
+            state.pop(key)
+        own = os.path.join(folder, WORKER_CHECKPOINT_FOLDER, f"rank-{rank:04d}.pt")
+        if os.path.exists(own):
+            state.update(checkpoint.load(own, map_location="cpu"))
+    return state
+
+
+def flat_metrics(record: dict[str, Any]) -> dict[str, float | int]:
+    """An epoch record as the flat scalars Ray and Tune read (None values are left out)."""
+    metrics: dict[str, Any] = dict(record["losses"])  # "loss" and the method's own terms
+    metrics.update(epoch=record["epoch"], step=record["step"],
+                   images_per_second=record["images_per_second"],
+                   images_per_second_total=record["images_per_second_total"],
+                   pseudo_label_acceptance_rate=record["pseudo_label_acceptance_rate"])
+    for name, value in zip(schema.CLASS_NAMES, record["thresholds"] or []):
+        metrics[f"threshold_{name.lower()}"] = value
+    validation = record["validation"]
+    if validation:
+        metrics["macro_f1"] = validation["macro_f1"]
+        for name, value in zip(schema.CLASS_NAMES, validation["per_class_f1"]):
+            metrics[f"f1_{name.lower()}"] = value
+        for window, smoothed in (validation["smoothed"] or {}).items():
+            metrics[f"macro_f1_smoothed_{window}"] = smoothed["macro_f1"]
+    return {name: value for name, value in metrics.items() if value is not None}
+
+
+# ------------------------------------------------------------------------------- the driver side
+
+def run_folder(config: TrainConfig) -> str:
+    """`<run.storage>/<run.name>`: Ray's experiment folder (its checkpoint_* folders) and ours
+    (metrics.jsonl, metrics.json, workers/rank-NNNN.jsonl)."""
+    return storage.join(_absolute(config.run.storage), config.run.name)
+
+
+def _absolute(uri: str) -> str:
+    """Local paths made absolute on the driver: Ray workers (and `ray job submit`) run elsewhere."""
+    return uri if storage.is_remote(uri) else os.path.abspath(os.path.expanduser(uri))
+
+
+def build_trainer(config: TrainConfig, kill_worker: WorkerKill | None = None) -> TorchTrainer:
+    """A TorchTrainer for `config`: scaling, storage, failure and checkpoint settings from it.
+
+    Calling `fit()` again with the same `run.name` and `run.storage` continues the run from its
+    latest checkpoint (Ray restores its checkpoint list from the storage folder).
+    """
+    scaling = config.scaling
+    if scaling.num_workers < 1:
+        raise ConfigError("scaling.num_workers: must be at least 1 for Ray Train")
+    if scaling.cpus_per_worker <= 0:
+        raise ConfigError("scaling.cpus_per_worker: must be positive")
+    if not config.run.resume:
+        raise ConfigError("run.resume: Ray Train always continues a run of the same name (a restart "
+                          "after a failure needs it); choose a new run.name to start over")
+    config = dataclasses.replace(
+        config,
+        data=dataclasses.replace(
+            config.data, split=_absolute(config.data.split),
+            labeled_pseudo_labels=(_absolute(config.data.labeled_pseudo_labels)
+                                   if config.data.labeled_pseudo_labels else None)),
+        run=dataclasses.replace(config.run, storage=_absolute(config.run.storage)))
+    keep = config.run.checkpoints_to_keep
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_mapping(config),
+                           "kill_worker": dataclasses.asdict(kill_worker) if kill_worker else None},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=config.run.name, storage_path=config.run.storage,
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep if keep > 0 else None)),
+    )

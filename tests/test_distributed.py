@@ -1,0 +1,276 @@
+"""The Ray Train adapter on a local Ray (2 CPU workers, gloo): the DTM threshold sync is global and
+equals the single-process update, the feedback coefficient is averaged, a SIGKILLed worker is
+restarted from the last checkpoint, and re-running the job continues the run; plus the
+torch.distributed collectives in a 2-process gloo group without Ray."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import io
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as multiprocessing
+import yaml
+from torch import nn
+
+from jobs import train as train_job
+from pipeline import ingest, schema
+from pipeline.demo.corpus import PRESETS, write_demo_corpus
+from pipeline.distributed import TorchCollectives, WorkerKill, build_trainer
+from pipeline.readers import make_reader
+from pipeline.split import make_split
+from pipeline.training import checkpoint
+from pipeline.training.config import load_config
+from pipeline.training.loop import (
+    METRICS_LINES, Trainer, average_gradients, synchronize_replicas, worker_metrics_uri,
+)
+
+WORKERS = 2
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def tiny_split(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    write_demo_corpus(str(root / "corpus"), PRESETS["tiny"])
+    for source in schema.SOURCES:
+        ingest.ingest(make_reader(source, str(root / "corpus" / source)), str(root / "shards"),
+                      progress=False)
+    make_split(str(root / "shards"), str(root / "split"), per_class=4, seed=0)
+    return str(root / "split")
+
+
+def settings(split_dir: str, storage: str, name: str, method: str = "dtm", epochs: int = 2,
+             keep: int = 5, max_failures: int = 0) -> dict:
+    method_options = {"ema_decay": 0.5} if method == "dtm" else {}
+    return {
+        "method": method,
+        "method_options": method_options,
+        "model": {"backbone": "test_resnet", "channels_last": False},
+        "data": {"split": split_dir, "image_size": 32, "labeled_batch": 8, "unlabeled_ratio": 1,
+                 "shuffle_buffer": 64},
+        "evaluation": {"windows": [5], "batch_size": 64},
+        "run": {"name": name, "storage": storage, "epochs": epochs, "steps_per_epoch": STEPS,
+                "threads": 1, "checkpoints_to_keep": keep},
+        "scaling": {"num_workers": WORKERS, "cpus_per_worker": 0.5, "max_failures": max_failures},
+    }
+
+
+def read_lines(path) -> list[dict]:
+    with open(path) as handle:
+        return [json.loads(line) for line in handle.read().splitlines()]
+
+
+def worker_records(run: str) -> list[list[dict]]:
+    return [read_lines(worker_metrics_uri(run, rank)) for rank in range(WORKERS)]
+
+
+def ray_checkpoints(run: str) -> dict[int, str]:
+    """Epoch -> Ray checkpoint folder (each holds rank 0's checkpoints/epoch-NNNN.pt)."""
+    found = {}
+    for path in glob.glob(os.path.join(run, "checkpoint_*", checkpoint.CHECKPOINT_FOLDER, "epoch-*.pt")):
+        folder = os.path.dirname(os.path.dirname(path))
+        epoch = checkpoint.list_checkpoints(folder)[-1]
+        assert epoch not in found, f"epoch {epoch} checkpointed twice: {found[epoch]}, {folder}"
+        found[epoch] = folder
+    return found
+
+
+def load_epoch(run: str, epoch: int) -> dict:
+    return checkpoint.load(checkpoint.latest(ray_checkpoints(run)[epoch]))
+
+
+def single_process_update(mapping: dict, after: dict, before_threshold: dict | None,
+                          folder: str) -> torch.Tensor:
+    """One process, whole labeled set: load the networks of `after`, put the threshold back to its
+    state before that epoch's update (None: the initial one), apply the update, return it."""
+    mapping = {**mapping, "scaling": {"num_workers": 0}}
+    trainer = Trainer(load_config(base=mapping), run_folder=folder, save_checkpoints=False)
+    initial = trainer.method.state_dict()["threshold"]
+    trainer.load_state(after)
+    method_state = dict(after["method"], threshold=before_threshold or initial)
+    trainer.method.load_state_dict(method_state)
+    trainer.update_thresholds()
+    return trainer.method.state_dict()["threshold"]["thresholds"]
+
+
+# ------------------------------------------------------------------ collectives, no Ray (gloo x 2)
+
+class _Replica:
+    """A stand-in method for `synchronize_replicas`: networks with BatchNorm, a float64 threshold
+    and an integer counter, different on each rank until synchronised."""
+
+    def __init__(self, rank: int) -> None:
+        torch.manual_seed(100 + rank)
+        self.network = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+        self.network(torch.randn(5, 3))  # rank-specific running statistics
+        self.threshold = torch.rand(8, dtype=torch.float64)
+        self.updates = torch.tensor(rank + 3)
+
+    def state_dict(self) -> dict:
+        return {"network": self.network.state_dict(), "threshold": self.threshold.clone(),
+                "extra": [self.updates.clone(), 1.5]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.network.load_state_dict(state["network"])
+        self.threshold = state["threshold"].clone()
+        self.updates = state["extra"][0].clone()
+
+
+def _collectives_worker(rank: int, world_size: int, folder: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
+                            world_size=world_size)
+    try:
+        collectives = TorchCollectives()
+        vector = torch.tensor([0.1, 1e-12, 3.0], dtype=torch.float64) * (rank + 1)
+        summed = collectives.all_reduce_sum(vector)
+        scalar = torch.tensor(rank + 0.5, dtype=torch.float32)
+        mean = collectives.all_reduce_mean(scalar)
+
+        present, partial, absent = (torch.zeros(2, requires_grad=True) for _ in range(3))
+        present.grad = torch.full((2,), float(rank + 1))
+        if rank == 1:
+            partial.grad = torch.full((2,), 4.0)
+        average_gradients([present, partial, absent], collectives)
+
+        replica = _Replica(rank)
+        before = replica.state_dict()
+        synchronize_replicas(replica, collectives, rank)
+        torch.save({"world_size": collectives.world_size, "vector": vector, "summed": summed,
+                    "scalar": scalar, "mean": mean, "present": present.grad, "partial": partial.grad,
+                    "absent": absent.grad, "before": before, "after": replica.state_dict()},
+                   os.path.join(folder, f"rank-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_torch_collectives_in_a_two_process_gloo_group(tmp_path):
+    multiprocessing.spawn(_collectives_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank-{rank}.pt", weights_only=False) for rank in range(2)]
+    expected_sum = torch.tensor([0.1, 1e-12, 3.0], dtype=torch.float64) * 3
+    for rank, result in enumerate(ranks):
+        assert result["world_size"] == 2
+        assert result["summed"].dtype == torch.float64
+        torch.testing.assert_close(result["summed"], expected_sum, rtol=1e-15, atol=0)
+        assert torch.equal(result["vector"], torch.tensor([0.1, 1e-12, 3.0], dtype=torch.float64)
+                           * (rank + 1)), "the input was modified"
+        assert result["mean"].shape == () and result["mean"].item() == pytest.approx(1.0)
+        assert result["scalar"].item() == rank + 0.5
+        assert torch.equal(result["present"], torch.full((2,), 1.5))
+        assert torch.equal(result["partial"], torch.full((2,), 2.0))  # missing on rank 0 = zero
+        assert result["absent"] is None
+    # Rank 0's state everywhere, bit for bit, non-tensor values untouched.
+    rank0_before = ranks[0]["before"]
+    for result in ranks:
+        after = result["after"]
+        for key, value in rank0_before["network"].items():
+            assert torch.equal(after["network"][key], value), key
+        assert torch.equal(after["threshold"], rank0_before["threshold"])
+        assert torch.equal(after["extra"][0], torch.tensor(3))
+    assert not torch.equal(ranks[1]["before"]["threshold"], rank0_before["threshold"])
+
+
+# ------------------------------------------------------------------ Ray Train (local Ray, 2 workers)
+
+@pytest.fixture(scope="module")
+def dtm_job(local_ray, tiny_split, tmp_path_factory):
+    """`jobs.train` twice with the same run name: 1 epoch, then asked for 2."""
+    storage = str(tmp_path_factory.mktemp("runs"))
+    recipe = os.path.join(storage, "recipe.yaml")
+    mapping = settings(tiny_split, storage, "dtm")
+    with open(recipe, "w") as handle:
+        yaml.safe_dump(mapping, handle)
+    run = os.path.join(storage, "dtm")
+    outputs = []
+    for epochs in (1, 2):
+        captured = io.StringIO()
+        with contextlib.redirect_stdout(captured):
+            code = train_job.main(["--config", recipe, "--set", f"run.epochs={epochs}"])
+        assert code == 0, captured.getvalue()
+        outputs.append({"summary": json.loads(captured.getvalue().strip().splitlines()[-1]),
+                        "metrics": read_lines(os.path.join(run, METRICS_LINES)),
+                        "checkpoints": ray_checkpoints(run)})
+    return {"mapping": mapping, "run": run, "first": outputs[0], "second": outputs[1]}
+
+
+@pytest.mark.ray
+def test_rerunning_the_job_continues_the_run(dtm_job):
+    first, second = dtm_job["first"], dtm_job["second"]
+    assert [record["epoch"] for record in first["metrics"]] == [1]
+    assert [record["epoch"] for record in second["metrics"]] == [1, 2]
+    assert [record["step"] for record in second["metrics"]] == [STEPS, 2 * STEPS]
+    # Epoch 1 was not trained again: its record (timings included) and Ray checkpoint are the first run's.
+    assert second["metrics"][0] == first["metrics"][0]
+    assert sorted(second["checkpoints"]) == [1, 2]
+    assert second["checkpoints"][1] == first["checkpoints"][1]
+    assert second["summary"]["epochs"] == 2 and second["summary"]["run"] == "dtm"
+    assert second["summary"]["checkpoint"].endswith(os.path.basename(second["checkpoints"][2]))
+
+
+@pytest.mark.ray
+def test_thresholds_are_global_and_equal_the_single_process_update(dtm_job, tmp_path):
+    run = dtm_job["run"]
+    ranks = worker_records(run)
+    for records in ranks:
+        assert [record["epoch"] for record in records] == [1, 2]
+    for epoch in range(2):
+        assert ranks[0][epoch]["thresholds"] == ranks[1][epoch]["thresholds"]
+    # The ranks trained on different data (their own losses differ), and the thresholds moved.
+    assert any(ranks[0][epoch]["losses"]["loss"] != ranks[1][epoch]["losses"]["loss"] for epoch in range(2))
+    assert any(value != pytest.approx(0.8) for value in ranks[0][-1]["thresholds"])
+
+    states = {epoch: load_epoch(run, epoch) for epoch in (1, 2)}
+    for epoch, before in ((1, None), (2, states[1]["method"]["threshold"])):
+        distributed = states[epoch]["method"]["threshold"]["thresholds"]
+        assert distributed.float().tolist() == ranks[0][epoch - 1]["thresholds"]
+        single = single_process_update(dtm_job["mapping"], states[epoch], before, str(tmp_path / str(epoch)))
+        torch.testing.assert_close(single, distributed, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.ray
+def test_feedback_coefficient_is_averaged_over_workers(local_ray, tiny_split, tmp_path):
+    config = load_config(base=settings(tiny_split, str(tmp_path), "feedback", method="feedback"))
+    result = build_trainer(config).fit()
+    ranks = worker_records(str(tmp_path / "feedback"))
+    assert [record["epoch"] for record in ranks[0]] == [record["epoch"] for record in ranks[1]] == [1, 2]
+    for first, second in zip(*ranks):
+        for name in ("feedback_coefficient", "feedback_raw"):
+            assert first["losses"][name] == second["losses"][name], name
+        assert first["losses"]["feedback_coefficient"] != 0.0
+    assert any(first["losses"]["student_labeled_before"] != second["losses"]["student_labeled_before"]
+               for first, second in zip(*ranks)), "both ranks saw the same labeled data"
+    assert result.metrics["feedback_coefficient"] == ranks[0][-1]["losses"]["feedback_coefficient"]
+
+
+@pytest.mark.ray
+def test_a_killed_worker_restarts_from_the_last_checkpoint(local_ray, tiny_split, tmp_path):
+    mapping = settings(tiny_split, str(tmp_path), "fault", epochs=3, max_failures=1)
+    marker = tmp_path / "killed"
+    result = build_trainer(load_config(base=mapping),
+                           kill_worker=WorkerKill(rank=1, epoch=2, marker=str(marker))).fit()
+    assert marker.exists(), "the worker was not killed"
+    run = str(tmp_path / "fault")
+
+    # Ray registered each epoch once: 1 before the kill, 2 and 3 after the restart from 1.
+    assert list(result.metrics_dataframe["epoch"]) == [1, 2, 3]
+    assert sorted(ray_checkpoints(run)) == [1, 2, 3]
+    assert [record["epoch"] for record in read_lines(os.path.join(run, METRICS_LINES))] == [1, 2, 3]
+    for records in worker_records(run):
+        assert [record["step"] for record in records] == [STEPS, 2 * STEPS, 3 * STEPS]
+    for name in ("epoch", "loss", "macro_f1", "macro_f1_smoothed_5", "pseudo_label_acceptance_rate",
+                 "images_per_second", "images_per_second_total", "threshold_neutral", "f1_neutral"):
+        assert name in result.metrics, name
+    assert result.metrics["epoch"] == 3
+
+    # After the restart the threshold continued from epoch 1's, not from the initial one.
+    states = {epoch: load_epoch(run, epoch) for epoch in (1, 2, 3)}
+    restored = states[1]["method"]["threshold"]
+    assert any(value != pytest.approx(0.8) for value in restored["thresholds"].tolist())
+    single = single_process_update(mapping, states[2], restored, str(tmp_path / "single"))
+    torch.testing.assert_close(single, states[2]["method"]["threshold"]["thresholds"], rtol=1e-6, atol=1e-7)
+    assert states[3]["method"]["threshold"]["updates"] == 3
