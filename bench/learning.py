@@ -115,7 +115,7 @@ def main() -> int:
             with open(arguments.out, "w") as handle:
                 json.dump(results, handle, indent=1)
 
-    print(f"\n| method | macro-F1 raw | smoothed w=10 | smoothed w=30 | per seed (raw) | s/run |")
+    print("\n| method | macro-F1 raw | smoothed w=10 | smoothed w=30 | per seed (raw) | s/run |")
     print("|---|---|---|---|---|---|")
     for name, entries in results.items():
         raw = np.array([entry["macro_f1"] for entry in entries])

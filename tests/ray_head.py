@@ -255,3 +255,16 @@ def running_ray_head(**options) -> Iterator[RayHead]:
     finally:
         head.stop()
         shutil.rmtree(head.temp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def checked_ray_head(num_cpus: int = 2):
+    """`running_ray_head`, then check that it left no process behind and did not touch the
+    host's shared `~/.ray/auth_token` (other Ray users on the host read it)."""
+    shared_token = Path.home() / ".ray" / "auth_token"
+    token_before = shared_token.read_bytes() if shared_token.exists() else None
+    with running_ray_head(num_cpus=num_cpus) as head:
+        yield head
+    assert head.leftovers() == [], "processes of the test head still running"
+    if token_before is not None:
+        assert shared_token.read_bytes() == token_before, "~/.ray/auth_token was overwritten"

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline import schema
 from pipeline.demo.corpus import DemoCorpusConfig, write_demo_corpus
-from ray_head import running_ray_head
+from ray_head import checked_ray_head
 
 pytestmark = pytest.mark.ray
 
@@ -25,13 +25,8 @@ MAX_UPLOAD_MIB = 5.0
 
 @pytest.fixture(scope="module")
 def ray_head():
-    shared_token = Path.home() / ".ray" / "auth_token"  # other Ray users on the host read it
-    token_before = shared_token.read_bytes() if shared_token.exists() else None
-    with running_ray_head(num_cpus=2) as head:
+    with checked_ray_head(num_cpus=2) as head:
         yield head
-    assert head.leftovers() == [], "processes of the test head still running"
-    if token_before is not None:
-        assert shared_token.read_bytes() == token_before, "~/.ray/auth_token was overwritten"
 
 
 @pytest.fixture(scope="module")

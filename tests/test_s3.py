@@ -155,3 +155,87 @@ def test_training_reads_an_s3_split_and_checkpoints_to_s3(corpus, s3_server):
     settings["run"]["epochs"] = 2
     final = Trainer(load_config(base=settings)).fit()  # resumes from the S3 checkpoint
     assert final["steps"] == 4 and checkpoint.list_checkpoints(run) == [1, 2]
+
+
+@pytest.mark.ray
+def test_distributed_training_checkpoints_to_s3_and_resumes(corpus, s3_server):
+    """Ray Train, 2 workers, with the split and `run.storage` on S3: Ray's checkpoint folders and
+    the metrics land in the bucket, and a second `fit()` of the same run name continues it."""
+    import json
+    import re
+
+    import ray
+
+    from pipeline.distributed import WORKER_CHECKPOINT_FOLDER, build_trainer, registered_epochs
+    from pipeline.raydata import ensure_ray
+    from pipeline.training import checkpoint
+    from pipeline.training.config import load_config
+    from pipeline.training.loop import FINAL_METRICS, METRICS_LINES, worker_metrics_uri
+
+    _, remote_root = corpus
+    shards_root = f"{s3_server}/dist-shards"
+    for source in schema.SOURCES:
+        ingest.ingest(make_reader(source, f"{remote_root}/{source}"), shards_root, progress=False)
+    split_dir = f"{s3_server}/dist-split"
+    make_split(shards_root, split_dir, per_class=3, seed=0)
+    steps, workers = 2, 2
+    settings = {
+        "method": "dtm", "method_options": {"ema_decay": 0.5},
+        "model": {"backbone": "test_resnet", "channels_last": False},
+        "data": {"split": split_dir, "image_size": 32, "labeled_batch": 8, "shuffle_buffer": 32},
+        "evaluation": {"windows": [5]},
+        "run": {"name": "dist-run", "storage": f"{s3_server}/dist-runs", "epochs": 1,
+                "steps_per_epoch": steps, "threads": 1},
+        "scaling": {"num_workers": workers, "cpus_per_worker": 0.5, "max_failures": 0},
+    }
+    run = f"{s3_server}/dist-runs/dist-run"
+    fs, run_path = storage.filesystem(run)
+
+    def checkpoint_objects() -> dict[int, list[str]]:
+        """Epoch -> the objects under that epoch's Ray checkpoint folder (paths below it)."""
+        found: dict[int, list[str]] = {}
+        for path in fs.find(run_path):
+            relative = path[len(run_path) + 1:]
+            match = re.fullmatch(r"(checkpoint_[^/]+)/checkpoints/epoch-(\d+)\.pt", relative)
+            if match:
+                folder = f"{run_path}/{match.group(1)}"
+                names = (name[len(folder) + 1:] for name in fs.find(folder))
+                # pyarrow also writes empty "folder/" marker objects; keep the files.
+                found[int(match.group(2))] = sorted(name for name in names
+                                                    if name and not name.endswith("/"))
+        return found
+
+    # A Ray started earlier in this process may lack AWS_ENDPOINT_URL in its workers' environment.
+    if ray.is_initialized():
+        ray.shutdown()
+    ensure_ray(num_cpus=2, dashboard=True)  # after the fixture: workers get the AWS_* variables
+    try:
+        first = build_trainer(load_config(base=settings)).fit()
+        assert registered_epochs(run) == [1]
+        objects = checkpoint_objects()
+        assert objects == {1: ["checkpoints/epoch-0001.pt", f"{WORKER_CHECKPOINT_FOLDER}/rank-0001.pt"]}
+        assert first.checkpoint.filesystem.type_name == "s3"
+        assert first.checkpoint.path.startswith(run_path + "/checkpoint_")
+        first_records = storage.read_text(f"{run}/{METRICS_LINES}").splitlines()
+        assert [json.loads(line)["epoch"] for line in first_records] == [1]
+
+        settings["run"]["epochs"] = 2
+        second = build_trainer(load_config(base=settings)).fit()
+    finally:
+        ray.shutdown()
+
+    assert registered_epochs(run) == [1, 2]
+    assert sorted(checkpoint_objects()) == [1, 2]
+    assert second.checkpoint.path != first.checkpoint.path
+    assert second.metrics["epoch"] == 2 and second.metrics["step"] == 2 * steps
+    records = [json.loads(line) for line in storage.read_text(f"{run}/{METRICS_LINES}").splitlines()]
+    assert [(record["epoch"], record["step"]) for record in records] == [(1, steps), (2, 2 * steps)]
+    assert records[0] == json.loads(first_records[0])  # epoch 1 was not trained again
+    for rank in range(workers):
+        lines = storage.read_text(worker_metrics_uri(run, rank)).splitlines()
+        assert [json.loads(line)["step"] for line in lines] == [steps, 2 * steps]
+    state = checkpoint.load(f"s3://{second.checkpoint.path}/checkpoints/epoch-0002.pt")
+    assert state["epoch"] == 2 and state["global_step"] == 2 * steps
+    assert state["method"]["threshold"]["updates"] == 2  # the threshold state continued
+    final = storage.read_json(f"{run}/{FINAL_METRICS}")
+    assert (final["epochs"], final["steps"]) == (2, 2 * steps)
