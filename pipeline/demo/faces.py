@@ -489,6 +489,7 @@ _SHOULDERS_Y = np.concatenate(([4.0], 1.62 + 0.45 * (np.linspace(-2.4, 2.4, 9) /
 def _face_outline(identity: Identity, jaw_drop: float) -> tuple[np.ndarray, np.ndarray]:
     """Outline points running right -> chin -> left -> crown."""
     half_width = identity.face_width
+    half_height = identity.face_width * identity.face_height_ratio
     sin = np.sin(_OUTLINE_ANGLES)
     lower = np.clip(sin, 0, None)
     # The jaw narrows towards the chin and drops when the mouth opens.
@@ -500,6 +501,7 @@ def _face_outline(identity: Identity, jaw_drop: float) -> tuple[np.ndarray, np.n
 def _draw_hair_back(draw: ImageDraw.ImageDraw, project: _Projector, identity: Identity) -> None:
     style = HAIR_STYLES[identity.hair_style]
     half_width = identity.face_width
+    half_height = identity.face_width * identity.face_height_ratio
     if style == "long":
         angles = np.linspace(math.pi * 0.95, math.pi * 2.05, 20)
         top_x = 1.18 * half_width * np.cos(angles)
@@ -518,6 +520,7 @@ def _draw_hair_front(draw: ImageDraw.ImageDraw, project: _Projector, identity: I
     if style == "bald":
         return
     half_width = identity.face_width
+    half_height = identity.face_width * identity.face_height_ratio
     hairline = identity.hairline
     if style == "fringe":
         # Bangs stop above the highest brow position so they never hide the brows.
