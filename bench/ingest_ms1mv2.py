@@ -118,26 +118,31 @@ def main() -> int:
     parser.add_argument("--json", help="also write the results here")
     arguments = parser.parse_args()
 
-    ensure_ray()
-    executor = RayDataExecutor()
+    import ray
+
     results = []
     for size in arguments.sizes:
         folder = os.path.join(arguments.work, f"rec-{size}")
         write_rec(folder, size)
         rec = os.path.join(folder, "train.rec")
         megabytes = os.path.getsize(rec) / 1e6
-        # Warm Ray's workers once so worker start-up is not charged to the first size.
+        # A fresh local Ray per size, warmed by one ingest, so both sizes are measured from the
+        # same idle baseline (a reused Ray accumulates worker processes between runs).
+        ray.shutdown()
+        ensure_ray(num_cpus=2)
+        executor = RayDataExecutor()
         run_ingest(folder, os.path.join(arguments.work, "warmup"), executor)
 
         drop_from_page_cache(rec)
         raw_cold = raw_read_seconds(rec)
         raw_warm = min(raw_read_seconds(rec) for _ in range(3))
         drop_from_page_cache(rec)
+        ingest_cold, rows, files = run_ingest(folder, os.path.join(arguments.work, "out"), executor)
         idle = MemorySampler.current()
+        # Three warm ingests under one sampler: a short run can end between two samples.
         with MemorySampler() as sampler:
-            ingest_cold, rows, files = run_ingest(folder, os.path.join(arguments.work, "out"), executor)
-        ingest_warm = min(run_ingest(folder, os.path.join(arguments.work, "out"), executor)[0]
-                          for _ in range(2))
+            ingest_warm = min(run_ingest(folder, os.path.join(arguments.work, "out"), executor)[0]
+                              for _ in range(3))
         results.append({
             "records": size, "rows": rows, "files": files, "rec_mb": round(megabytes, 1),
             "raw_cold_mb_s": round(megabytes / raw_cold), "raw_warm_mb_s": round(megabytes / raw_warm),
@@ -148,6 +153,7 @@ def main() -> int:
             "peak_increase_mb": round((sampler.peak - idle) / 1e6),
         })
         print(json.dumps(results[-1]), flush=True)
+    ray.shutdown()
 
     print("\n| records | .rec MB | raw read cold / warm MB/s | ingest cold / warm MB/s | ingest records/s (warm) "
           "| ratio cold / warm | peak PSS MB (increase over idle) |")
