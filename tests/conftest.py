@@ -58,3 +58,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def build_tiny_split(root) -> str:
+    """The tiny demo corpus ingested (sequentially) and split with 4 labels per class: the
+    smallest real split, for training tests. Returns the split folder."""
+    from pipeline import ingest, schema
+    from pipeline.demo.corpus import PRESETS, write_demo_corpus
+    from pipeline.readers import make_reader
+    from pipeline.split import make_split
+
+    write_demo_corpus(str(root / "corpus"), PRESETS["tiny"])
+    for source in schema.SOURCES:
+        ingest.ingest(make_reader(source, str(root / "corpus" / source)), str(root / "shards"),
+                      progress=False)
+    make_split(str(root / "shards"), str(root / "split"), per_class=4, seed=0)
+    return str(root / "split")

@@ -18,12 +18,9 @@ import torch.multiprocessing as multiprocessing
 import yaml
 from torch import nn
 
+from conftest import build_tiny_split
 from jobs import train as train_job
-from pipeline import ingest, schema
-from pipeline.demo.corpus import PRESETS, write_demo_corpus
 from pipeline.distributed import TorchCollectives, WorkerKill, build_trainer
-from pipeline.readers import make_reader
-from pipeline.split import make_split
 from pipeline.training import checkpoint
 from pipeline.training.config import load_config
 from pipeline.training.loop import (
@@ -36,13 +33,7 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def tiny_split(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distributed")
-    write_demo_corpus(str(root / "corpus"), PRESETS["tiny"])
-    for source in schema.SOURCES:
-        ingest.ingest(make_reader(source, str(root / "corpus" / source)), str(root / "shards"),
-                      progress=False)
-    make_split(str(root / "shards"), str(root / "split"), per_class=4, seed=0)
-    return str(root / "split")
+    return build_tiny_split(tmp_path_factory.mktemp("distributed"))
 
 
 def settings(split_dir: str, storage: str, name: str, method: str = "dtm", epochs: int = 2,

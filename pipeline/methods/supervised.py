@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from pipeline.methods.base import (
@@ -29,13 +30,20 @@ class Supervised(Method):
     def __init__(self, options: SupervisedOptions, context: MethodContext) -> None:
         super().__init__(options, context)
         self.model = context.create_model()
+        self.configure_model()
         self.optimizer = build_optimizer(self.model.parameters(), context.optimizer)
         self.scheduler = build_scheduler(self.optimizer, context.optimizer, context.total_steps)
+
+    def configure_model(self) -> None:
+        """Adjust the network before its optimizer is built (a subclass freezes layers here)."""
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
 
     def train_step(self, batch: TrainBatch, step: int) -> StepResult:
         self.model.train()
         with self.autocast():
-            logits = self.model(self.prepare(batch.labeled_weak))
+            logits = self.logits(self.prepare(batch.labeled_weak))
         if self.options.label_smoothing:
             loss = nn.functional.cross_entropy(logits.float(), batch.labels,
                                                label_smoothing=self.options.label_smoothing)
