@@ -52,6 +52,26 @@ def test_metrics_and_checkpoints_are_written(tiny_split, tmp_path):
     assert checkpoint.list_checkpoints(str(run)) == [1, 2]
     assert final["epochs"] == 2 and final["steps"] == 6
     assert json.loads((run / "metrics.json").read_text())["best_epoch"] in (1, 2)
+    assert tensorboard_tags(run / "tensorboard") >= {
+        "loss/loss", "validation/macro_f1", "validation/macro_f1_smoothed_5", "throughput/images_per_second"}
+
+
+def tensorboard_tags(folder) -> set[str]:
+    """Scalar tags in the TFRecord event files of `folder` (read with tensorboardX's protos)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    tags = set()
+    for name in os.listdir(folder):
+        data = (folder / name).read_bytes()
+        position = 0
+        while position < len(data):
+            (length,) = struct.unpack_from("<Q", data, position)
+            event = Event.FromString(data[position + 12:position + 12 + length])
+            tags.update(value.tag for value in event.summary.value)
+            position += 12 + length + 4
+    return tags
 
 
 def tensors(value, prefix=""):

@@ -27,6 +27,7 @@ from pipeline.training.config import TrainConfig, to_mapping
 from pipeline.training.data import ImageTable, UnlabeledStream, read_labeled, read_validation
 from pipeline.training.evaluate import predict_table, validation_report
 from pipeline.training.inputs import InputPipeline
+from pipeline.training.tensorboard import TensorBoardLog
 
 METRICS_LINES = "metrics.jsonl"
 FINAL_METRICS = "metrics.json"
@@ -347,6 +348,7 @@ class Trainer:
         config = self.config
         if self.world_size > 1:
             synchronize_replicas(self.method, self.collectives, self.rank)
+        events = TensorBoardLog(self.run_folder) if self.rank == 0 and self.epoch < config.run.epochs else None
         try:
             while self.epoch < config.run.epochs:
                 totals = self.train_epoch()
@@ -361,6 +363,8 @@ class Trainer:
                 record = self.epoch_metrics(totals, validation)
                 self.history.append(record)
                 self.write_metrics()
+                if events:
+                    events.write(record)
                 saved = None
                 if self.rank == 0 and self.save_checkpoints:
                     saved = checkpoint.save(self.run_folder, self.epoch, self.state(),
@@ -370,6 +374,8 @@ class Trainer:
                 _log(record)
         finally:
             self.inputs.close()
+            if events:
+                events.close()
         final = self.final_metrics()
         if self.rank == 0:
             storage.write_json_atomic(storage.join(self.run_folder, FINAL_METRICS), final)
