@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(to_mapping(config), indent=1))
         return 0
+    if not config.data.split:
+        print("error: data.split: set it to a jobs.split output folder (--set data.split=...)",
+              file=sys.stderr)
+        return 2
     summary_keys = ("method", "run", "epochs", "best_epoch", "best_macro_f1")
     if config.scaling.num_workers > 0:
         from pipeline import distributed, storage

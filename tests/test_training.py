@@ -132,6 +132,8 @@ def test_train_command_reports_config_errors(tmp_path, capsys):
     assert "method_options.label_smoothing" in capsys.readouterr().err
     assert train_job.main(["--config", str(recipe), "--print-config", "--set", "run.epochs=5"]) == 0
     assert json.loads(capsys.readouterr().out)["run"]["epochs"] == 5
+    assert train_job.main(["--config", str(recipe)]) == 2  # the recipe names no split
+    assert "data.split" in capsys.readouterr().err
 
 
 def test_every_recipe_loads():

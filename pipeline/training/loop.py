@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pipeline import schema, storage
+from pipeline.config import ConfigError
 from pipeline.methods.base import Collectives, Method, MethodContext
 from pipeline.sampler import ClassBalancedSampler
 from pipeline.thresholds import ClassStatistics
@@ -162,6 +163,9 @@ class Trainer:
         torch.manual_seed(seed * 1000 + rank)
         self.numpy_generator = np.random.default_rng([seed, rank])
 
+        if not config.data.split:
+            raise ConfigError("data.split: set it to a jobs.split output folder "
+                              "(--set data.split=<dir or s3://...>)")
         self.labeled: ImageTable = read_labeled(config.data.split)
         self.validation: ImageTable = read_validation(config.data.split)
         method_class = config.method_class()
