@@ -118,6 +118,3 @@ def _head_parameter_names(model: nn.Module) -> set[str]:
         return set()
     return {f"{prefix}.{name}" for name in classifier.state_dict()}
 
-
-def feature_dimension(model: nn.Module) -> int:
-    return int(getattr(model, "num_features"))

@@ -49,16 +49,6 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
-def relative_to(uri: str, base: str) -> str:
-    """`uri` relative to `base` ('a/b.parquet'), used to keep manifests relocatable."""
-    if is_remote(uri) or is_remote(base):
-        prefix = base.rstrip("/") + "/"
-        if not uri.startswith(prefix):
-            raise ValueError(f"{uri} is not under {base}")
-        return uri[len(prefix):]
-    return os.path.relpath(uri, base).replace(os.sep, "/")
-
-
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.exists(path)

@@ -11,7 +11,7 @@ import abc
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -238,5 +238,3 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
         return losses.mean()
     return (losses * mask.float()).sum() / max(1, losses.numel())
 
-
-ModelFactory = Callable[[], nn.Module]
