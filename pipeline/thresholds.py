@@ -339,11 +339,31 @@ class FixedThreshold(ClassThreshold):
         self._check_state(state, ())
 
 
+class _StoredThreshold(ClassThreshold):
+    """A threshold that is a stored per-class vector (float64) plus an update counter."""
+
+    def _start(self, initial: float) -> None:
+        self._values = torch.full((self.num_classes,), initial, dtype=torch.float64)
+        self.updates = 0
+
+    @property
+    def thresholds(self) -> torch.Tensor:
+        return self._values.to(torch.float32)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"thresholds": self._values.clone(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._check_state(state, ("thresholds", "updates"))
+        self._values = self._load_vector(state, "thresholds")
+        self.updates = int(state["updates"])
+
+
 EMPTY_CLASS_RULES = ("keep",)
 
 
 @register_threshold("dtm")
-class DynamicThresholdModule(ClassThreshold):
+class DynamicThresholdModule(_StoredThreshold):
     """DTM (ABAW5 paper, eqs. 7-8): τ_c = mean p_c over correctly predicted labeled samples of class
     c (predicted by the EMA network B), then τ_c^t = µ·τ_c^(t-1) + (1-µ)·τ_c, once per epoch.
 
@@ -359,12 +379,7 @@ class DynamicThresholdModule(ClassThreshold):
         self.momentum = _check_fraction("momentum", momentum)
         self.initial = _check_fraction("initial", initial)
         self.empty_class = _check_choice("empty_class", empty_class, EMPTY_CLASS_RULES)
-        self._values = torch.full((num_classes,), self.initial, dtype=torch.float64)
-        self.updates = 0
-
-    @property
-    def thresholds(self) -> torch.Tensor:
-        return self._values.to(torch.float32)
+        self._start(self.initial)
 
     def collect_statistics(self, probabilities: torch.Tensor, labels: torch.Tensor | None) -> ClassStatistics:
         if labels is None:
@@ -377,14 +392,6 @@ class DynamicThresholdModule(ClassThreshold):
         blended = self.momentum * self._values + (1.0 - self.momentum) * epoch_thresholds
         self._values = torch.where(statistics.present, blended, self._values)
         self.updates += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"thresholds": self._values.clone(), "updates": self.updates}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._check_state(state, ("thresholds", "updates"))
-        self._values = self._load_vector(state, "thresholds")
-        self.updates = int(state["updates"])
 
 
 ADAPTIVE_SAMPLES = ("labeled", "correct")
@@ -466,7 +473,7 @@ def _check_epoch(epoch: int) -> int:
 
 
 @register_threshold("class_mean")
-class ClassMeanThreshold(ClassThreshold):
+class ClassMeanThreshold(_StoredThreshold):
     """Noise-aware model (third paper, section 2.4): T_c = the class mean of the predicted
     probabilities (see `class_statistics_predicted`), replaced at every update, no momentum (the
     paper names none). The paper computes it "in every batch" and says "in every epoch": the caller
@@ -482,12 +489,7 @@ class ClassMeanThreshold(ClassThreshold):
         super().__init__(num_classes)
         self.initial = _check_fraction("initial", initial)
         self.samples = _check_choice("samples", samples, PREDICTED_SAMPLES)
-        self._values = torch.full((num_classes,), self.initial, dtype=torch.float64)
-        self.updates = 0
-
-    @property
-    def thresholds(self) -> torch.Tensor:
-        return self._values.to(torch.float32)
+        self._start(self.initial)
 
     def collect_statistics(self, probabilities: torch.Tensor,
                            labels: torch.Tensor | None = None) -> ClassStatistics:
@@ -497,11 +499,3 @@ class ClassMeanThreshold(ClassThreshold):
         statistics = self._check_statistics(statistics)
         self._values = statistics.means(fallback=self._values)
         self.updates += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"thresholds": self._values.clone(), "updates": self.updates}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._check_state(state, ("thresholds", "updates"))
-        self._values = self._load_vector(state, "thresholds")
-        self.updates = int(state["updates"])
