@@ -56,12 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.raydata import ensure_ray
         from pipeline.training.loop import FINAL_METRICS
 
+        ensure_ray(dashboard=True)  # before the trainer: its Ray Data pool stream reads metadata
         try:
             trainer = distributed.build_trainer(config)
         except ConfigError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-        ensure_ray(dashboard=True)
         result = trainer.fit()
         final = storage.read_json(storage.join(distributed.run_folder(config), FINAL_METRICS))
         summary = {key: final[key] for key in summary_keys}
@@ -70,7 +70,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from pipeline.training.loop import Trainer
 
-    final = Trainer(config).fit()
+    unlabeled = None
+    if config.data.unlabeled_reader == "ray_data":  # one process fed by Ray Data (measured in bench/)
+        from pipeline import streaming
+        from pipeline.raydata import ensure_ray
+
+        if streaming.uses_ray_data(config):
+            ensure_ray()
+            unlabeled = streaming.streamed_unlabeled(
+                config, streaming.unlabeled_dataset(config).iterator(), rank=0)
+    final = Trainer(config, unlabeled=unlabeled).fit()
     print(json.dumps({key: final[key] for key in summary_keys}))
     return 0
 

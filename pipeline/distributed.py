@@ -1,12 +1,13 @@
 """The Ray Train adapter: `Trainer` once per Ray Train worker over torch.distributed (gloo on CPU,
 NCCL on GPU), with Ray owning checkpoints, restarts after a failure and resume by run name.
 
-Data, for now: every worker holds the (small) labeled set and draws its own class-balanced sample
-(`ClassBalancedSampler`, seeded by seed, epoch and rank), and reads its own share of the unlabeled
-pool's files (`UnlabeledStream`, sharded by rank). Each rank takes exactly `run.steps_per_epoch`
-steps per epoch, so the per-step collectives and the per-epoch reports pair up. The next step is to
-stream the pool through Ray Data (decode + views in `map_batches`, one long-lived split iterator
-per worker across epochs, `DataConfig(datasets_to_split=["unlabeled"])`); it is not started here.
+Data: every worker holds the (small) labeled set and draws its own class-balanced sample
+(`ClassBalancedSampler`, seeded by seed, epoch and rank); the unlabeled pool streams through Ray
+Data (`pipeline.streaming`: decode and crop in `map_batches`, split across workers with
+`DataConfig(datasets_to_split=["unlabeled"])`, one long-lived iterator per worker across epochs),
+or with `data.unlabeled_reader=in_process` each worker reads its own share of the pool's files.
+Each rank takes exactly `run.steps_per_epoch` steps per epoch, so the per-step collectives and the
+per-epoch reports pair up.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 import torch.distributed as dist
 from ray.train.torch import TorchTrainer
 
-from pipeline import schema, storage
+from pipeline import schema, storage, streaming
 from pipeline.config import ConfigError
 from pipeline.methods.base import Collectives
 from pipeline.training import checkpoint
@@ -109,8 +110,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     reporter = RayReporter(rank, kill)
+    unlabeled = None
+    if streaming.uses_ray_data(config):
+        unlabeled = streaming.streamed_unlabeled(
+            config, ray.train.get_dataset_shard(streaming.DATASET_NAME), rank)
     trainer = Trainer(config, collectives=TorchCollectives(), rank=rank, world_size=world_size,
-                      report=reporter, run_folder=run_folder(config), save_checkpoints=False)
+                      report=reporter, run_folder=run_folder(config), save_checkpoints=False,
+                      unlabeled=unlabeled)
     reporter.trainer = trainer
     restored = ray.train.get_checkpoint()  # a restart after a failure, or a re-run of the same name
     if restored is not None:
@@ -171,6 +177,7 @@ def flat_metrics(record: dict[str, Any]) -> dict[str, float | int]:
     metrics.update(epoch=record["epoch"], step=record["step"],
                    images_per_second=record["images_per_second"],
                    images_per_second_total=record["images_per_second_total"],
+                   input_wait_fraction=record["input_wait_fraction"],
                    pseudo_label_acceptance_rate=record["pseudo_label_acceptance_rate"])
     for name, value in zip(schema.CLASS_NAMES, record["thresholds"] or []):
         metrics[f"threshold_{name.lower()}"] = value
@@ -219,6 +226,9 @@ def build_trainer(config: TrainConfig, kill_worker: WorkerKill | None = None) ->
                                    if config.data.labeled_pseudo_labels else None)),
         run=dataclasses.replace(config.run, storage=_absolute(config.run.storage)))
     keep = config.run.checkpoints_to_keep
+    datasets = {}
+    if streaming.uses_ray_data(config):
+        datasets[streaming.DATASET_NAME] = streaming.unlabeled_dataset(config)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_mapping(config),
@@ -230,4 +240,7 @@ def build_trainer(config: TrainConfig, kill_worker: WorkerKill | None = None) ->
             name=config.run.name, storage_path=config.run.storage,
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep if keep > 0 else None)),
+        # Only the pool is split; the labeled set is small and every rank samples it itself.
+        datasets=datasets or None,
+        dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets)),
     )

@@ -20,6 +20,7 @@ from torch import nn
 
 from conftest import build_tiny_split
 from jobs import train as train_job
+from pipeline import split
 from pipeline.distributed import TorchCollectives, WorkerKill, build_trainer
 from pipeline.training import checkpoint
 from pipeline.training.config import load_config
@@ -200,6 +201,13 @@ def test_rerunning_the_job_continues_the_run(dtm_job):
     assert sorted(second["checkpoints"]) == [1, 2]
     assert second["checkpoints"][1] == first["checkpoints"][1]
     assert second["summary"]["epochs"] == 2 and second["summary"]["run"] == "dtm"
+    # The pool came through Ray Data (its stream state is (pass, batches)), one long-lived
+    # iterator: the resumed run started a fresh pass, and counted every batch of it.
+    state = load_epoch(dtm_job["run"], 2)["unlabeled"]
+    pool_rows = split.load_unlabeled_pool(dtm_job["mapping"]["data"]["split"]).rows
+    assert set(state) == {"pass_number", "batches"}
+    if pool_rows // WORKERS >= 2 * STEPS * 8:
+        assert state == {"pass_number": 1, "batches": STEPS}
     assert second["summary"]["checkpoint"].endswith(os.path.basename(second["checkpoints"][2]))
 
 

@@ -44,9 +44,20 @@ class DataConfig:
     """Probability of random erasing in the strong view (the ABAW6 text adds it)."""
     shuffle_buffer: int = 4096
     """Unlabeled rows held for shuffling the stream."""
-    decode_threads: int = 2
+    unlabeled_reader: str = "auto"
+    """How the unlabeled pool is read and decoded: in_process (this process reads its share of the
+    files and decodes in a background thread), ray_data (Ray Data tasks decode and crop, the
+    training process only consumes batches) or auto (ray_data on Ray Train, else in_process)."""
+    decode_batch: int = 256
+    """Rows per Ray Data decode task call (ray_data reader)."""
+    decode_cpus: float = 1.0
+    """CPUs each Ray Data decode task reserves (ray_data reader)."""
 
     def __post_init__(self) -> None:
+        typed.check(self.unlabeled_reader in ("auto", "in_process", "ray_data"), "data.unlabeled_reader",
+                    "auto, in_process or ray_data")
+        typed.check(self.decode_batch >= 1, "data.decode_batch", "must be at least 1")
+        typed.check(self.decode_cpus > 0, "data.decode_cpus", "must be positive")
         typed.check(self.image_size >= 16, "data.image_size", "must be at least 16")
         typed.check(self.resize is None or self.resize >= self.image_size, "data.resize",
                     "must be at least data.image_size")

@@ -154,6 +154,10 @@ class UnlabeledStream:
         return {"pass_number": self.pass_number, "emitted": self.emitted}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if "emitted" not in state:
+            # A Ray Data stream's state (pass, batches): no exact position, start the next pass.
+            started = int(state.get("batches", 0)) > 0
+            state = {"pass_number": int(state["pass_number"]) + int(started), "emitted": 0}
         self.pass_number = int(state["pass_number"])
         self.emitted = self._skip = int(state["emitted"])
         self._iterator = None

@@ -1,16 +1,22 @@
 """The input path of a training step: CPU decode + weak geometry (uint8), then weak/strong views
 made on the device (PERF.md: uint8 crosses to the GPU, the heavy colour work runs batched there).
+The unlabeled CPU part runs in this process or, on Ray Train, in Ray Data (`PoolViews`).
 """
 
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+import abc
+import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
-from pipeline import views
+from pipeline import schema, split, views
 from pipeline.methods.base import TrainBatch, Views
 from pipeline.training.config import DataConfig
 from pipeline.training.data import ImageTable, UnlabeledStream
@@ -39,12 +45,102 @@ def make_views(config: DataConfig) -> tuple[views.WeakView, views.StrongView]:
     return views.WeakView(weak), views.StrongView(strong)
 
 
+def evaluation_tensor(images: list[bytes], data: DataConfig, device: torch.device
+                      ) -> tuple[torch.Tensor, np.ndarray]:
+    """The deterministic evaluation view of encoded images (resize, centre crop when training
+    cropped, normalise; no augmentation) on `device`, and which of them decoded. Validation,
+    threshold scoring and batch inference all use it."""
+    decoded, ok = views.decode_resize(images, data.resize or data.image_size)
+    if data.resize:
+        decoded = views.centre_crop(decoded, data.image_size)
+    weak = make_views(data)[0].config
+    tensor = torch.from_numpy(decoded).to(device)
+    return views.to_float(tensor, weak.mean, weak.std, weak.channels_last), ok
+
+
+class UnlabeledSource(abc.ABC):
+    """Where a step's unlabeled images come from, already decoded and cropped (uint8 NHWC): read
+    and decoded in this process (`DecodedStream`), or streamed from Ray Data workers that did the
+    decode and geometry (`pipeline.streaming.StreamedUnlabeled`)."""
+
+    @abc.abstractmethod
+    def take_prepared(self, count: int, weak_view: views.WeakView, rng: np.random.Generator
+                      ) -> tuple[np.ndarray, int]:
+        """About `count` images after decode and weak geometry, and how many were undecodable
+        (dropped from the batch)."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict[str, int]) -> None: ...
+
+
+class DecodedStream(UnlabeledSource):
+    """An `UnlabeledStream` of image bytes decoded in this process (the single-process path)."""
+
+    def __init__(self, stream: UnlabeledStream) -> None:
+        self.stream = stream
+
+    def take_prepared(self, count: int, weak_view: views.WeakView, rng: np.random.Generator
+                      ) -> tuple[np.ndarray, int]:
+        images, ok = weak_view.decode(self.stream.take(count))
+        return weak_view.geometry(images[ok], rng), int((~ok).sum())
+
+    def state_dict(self) -> dict[str, int]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.stream.load_state_dict(state)
+
+
+PREPARED_PIXELS = "pixels"
+PREPARED_OK = "decoded"
+
+
+class PoolViews:
+    """One batch of unlabeled-pool rows -> their weak-geometry pixels: keep the pool's rows
+    (`split.unlabeled_mask`, optional source filter), decode, crop. Pure; Ray Data runs it in
+    `map_batches` so the training process never decodes unlabeled images.
+
+    Undecodable rows stay in the output with `decoded` False (all-zero pixels) so each worker can
+    count them; rows outside the pool are dropped here."""
+
+    def __init__(self, data: DataConfig, excluded_ids: pa.Array, seed: int) -> None:
+        self.weak_view, _ = make_views(data)
+        self.excluded_ids = excluded_ids
+        self.sources = list(data.unlabeled_sources)
+        self.seed = seed
+
+    def pool_rows(self, table: pa.Table) -> pa.Table:
+        mask = split.unlabeled_mask(table, self.excluded_ids)
+        if self.sources:
+            mask = pc.and_(mask, pc.is_in(table[schema.SOURCE], value_set=pa.array(self.sources)))
+        return table.filter(mask)
+
+    def __call__(self, table: pa.Table) -> dict[str, Any]:
+        table = self.pool_rows(table)
+        size = self.weak_view.config.output_size
+        if table.num_rows == 0:
+            return {PREPARED_PIXELS: np.zeros((0, size, size, 3), np.uint8),
+                    PREPARED_OK: np.zeros(0, bool)}
+        # Random crops seeded by the batch's first id: reproducible for a given block, different
+        # between blocks, with no state shared between Ray Data tasks.
+        first = str(table[schema.SAMPLE_ID][0].as_py()).encode()
+        rng = np.random.default_rng([self.seed, zlib.crc32(first)])
+        decoded, ok = self.weak_view.decode(table[schema.IMAGE].to_pylist())
+        pixels = np.zeros((table.num_rows, size, size, 3), np.uint8)
+        if ok.any():
+            pixels[ok] = self.weak_view.geometry(decoded[ok], rng)
+        return {PREPARED_PIXELS: pixels, PREPARED_OK: ok}
+
+
 class InputPipeline:
     """Draws, decodes and crops the next step's batch in a background thread while the current
     step trains (JPEG decoding releases the GIL), then builds the views on the device."""
 
     def __init__(self, config: DataConfig, needs: Views, labeled: ImageTable,
-                 unlabeled: UnlabeledStream | None, device: torch.device, seed: int) -> None:
+                 unlabeled: UnlabeledSource | None, device: torch.device, seed: int) -> None:
         self.config = config
         self.needs = needs
         self.labeled = labeled
@@ -68,9 +164,9 @@ class InputPipeline:
         unlabeled = None
         undecodable = int((~ok).sum())
         if self.unlabeled_per_step:
-            images, unlabeled_ok = self.weak_view.decode(self.unlabeled.take(self.unlabeled_per_step))
-            unlabeled = self.weak_view.geometry(images[unlabeled_ok], self.rng)
-            undecodable += int((~unlabeled_ok).sum())
+            unlabeled, skipped = self.unlabeled.take_prepared(self.unlabeled_per_step, self.weak_view,
+                                                              self.rng)
+            undecodable += skipped
         return CpuBatch(labeled, labels, unlabeled, undecodable)
 
     def prefetch(self, indices: np.ndarray) -> None:
@@ -105,13 +201,7 @@ class InputPipeline:
         return batch
 
     def evaluation_images(self, images: list[bytes]) -> tuple[torch.Tensor, np.ndarray]:
-        """Deterministic view for evaluation: resize (and centre crop), no augmentation."""
-        decoded, ok = views.decode_resize(images, self.config.resize or self.config.image_size)
-        if self.config.resize:
-            decoded = views.centre_crop(decoded, self.config.image_size)
-        tensor = torch.from_numpy(decoded).to(self.device)
-        weak = self.weak_view.config
-        return views.to_float(tensor, weak.mean, weak.std, weak.channels_last), ok
+        return evaluation_tensor(images, self.config, self.device)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

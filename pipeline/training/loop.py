@@ -27,7 +27,7 @@ from pipeline.training import checkpoint
 from pipeline.training.config import TrainConfig, to_mapping
 from pipeline.training.data import ImageTable, UnlabeledStream, read_labeled, read_validation
 from pipeline.training.evaluate import predict_table, validation_report
-from pipeline.training.inputs import InputPipeline
+from pipeline.training.inputs import DecodedStream, InputPipeline, UnlabeledSource
 from pipeline.training.tensorboard import TensorBoardLog
 
 METRICS_LINES = "metrics.jsonl"
@@ -131,6 +131,8 @@ class EpochTotals:
     candidates: int = 0
     undecodable: int = 0
     seconds: float = 0.0
+    input_seconds: float = 0.0
+    """Time the loop waited for its next batch (input not ready): where a slow input path shows."""
 
     def __post_init__(self) -> None:
         self.losses: dict[str, float] = {}
@@ -146,9 +148,12 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, collectives: Collectives | None = None, rank: int = 0,
                  world_size: int = 1, report: Reporter | None = None,
-                 run_folder: str | None = None, save_checkpoints: bool = True) -> None:
+                 run_folder: str | None = None, save_checkpoints: bool = True,
+                 unlabeled: UnlabeledSource | None = None) -> None:
         """`save_checkpoints=False` leaves checkpoints to the caller (Ray Train saves them from the
-        `report` callback and restores them with `load_state`); metrics still go to `run_folder`."""
+        `report` callback and restores them with `load_state`); metrics still go to `run_folder`.
+        `unlabeled` replaces the in-process stream over the pool (Ray Train passes its Ray Data
+        stream); it is used only by methods that take unlabeled images."""
         self.config = config
         self.collectives = collectives or Collectives()
         self.rank = rank
@@ -174,10 +179,11 @@ class Trainer:
                                 precision=config.run.precision, collectives=self.collectives)
         self.method: Method = method_class(config.options(), context)
         needs = method_class.views
-        self.unlabeled = None
+        self.unlabeled: UnlabeledSource | None = None
         if needs.unlabeled and config.data.use_unlabeled and config.data.unlabeled_ratio > 0:
-            self.unlabeled = UnlabeledStream(config.data.split, seed, config.data.shuffle_buffer,
-                                             config.data.unlabeled_sources, rank, world_size)
+            self.unlabeled = unlabeled or DecodedStream(UnlabeledStream(
+                config.data.split, seed, config.data.shuffle_buffer, config.data.unlabeled_sources,
+                rank, world_size))
         self.sampler = ClassBalancedSampler(self.labeled.labels,
                                             config.run.steps_per_epoch * config.data.labeled_batch,
                                             seed, rank=rank, world_size=world_size)
@@ -260,7 +266,9 @@ class Trainer:
         self.inputs.prefetch(batches[0])
         for number, batch_indices in enumerate(batches):
             following = batches[number + 1] if number + 1 < len(batches) else None
+            waited = time.perf_counter()
             batch, undecodable = self.inputs.next(batch_indices, following)
+            totals.input_seconds += time.perf_counter() - waited
             result = self.method.train_step(batch, self.global_step)
             self.global_step += 1
             totals.steps += 1
@@ -335,6 +343,7 @@ class Trainer:
             "pseudo_label_histogram": accepted.round().long().tolist() if candidates else None,
             "images_per_second": images_per_second,
             "images_per_second_total": float(summed[-1]),
+            "input_wait_fraction": totals.input_seconds / max(totals.seconds, 1e-9),
             "undecodable_images": totals.undecodable,
             "validation": validation,
         }

@@ -31,6 +31,8 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
     values["throughput/images_per_second"] = record["images_per_second"]
     if "images_per_second_total" in record:
         values["throughput/images_per_second_total"] = record["images_per_second_total"]
+    if "input_wait_fraction" in record:
+        values["throughput/input_wait_fraction"] = record["input_wait_fraction"]
     validation = record["validation"]
     if validation:
         values["validation/macro_f1"] = validation["macro_f1"]

@@ -1,0 +1,95 @@
+"""The unlabeled pool through Ray Data: `PoolViews` (pure) and `StreamedUnlabeled` / the pool
+dataset on a local Ray (the Ray Train path itself is in test_distributed.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import build_tiny_split, make_jpeg
+from pipeline import schema, split
+from pipeline.training.config import DataConfig, load_config
+from pipeline.training.inputs import PREPARED_OK, PREPARED_PIXELS, PoolViews
+
+
+def pool_table(ids, sources, splits, images) -> pa.Table:
+    return pa.table({schema.SAMPLE_ID: ids, schema.IMAGE: pa.array(images, pa.binary()),
+                     schema.SOURCE: sources, schema.SPLIT: splits})
+
+
+def test_pool_views_keep_pool_rows_and_flag_undecodable_ones():
+    table = pool_table(
+        ["a", "b", "c", "d", "e"],
+        [schema.MS1MV2, schema.MS1MV2, schema.AFFWILD2, schema.AFFWILD2, schema.EXPW],
+        ["train", "train", "validation", "train", "train"],
+        [make_jpeg(1), b"not a jpeg", make_jpeg(2), make_jpeg(3), make_jpeg(4)])
+    views = PoolViews(DataConfig(image_size=32), pa.array(["d"]), seed=0)
+    output = views(table)
+    # c: Aff-Wild2 validation, d: excluded (labeled); b stays, flagged undecodable.
+    assert output[PREPARED_PIXELS].shape == (3, 32, 32, 3)
+    assert output[PREPARED_PIXELS].dtype == np.uint8
+    assert output[PREPARED_OK].tolist() == [True, False, True]
+    assert not output[PREPARED_PIXELS][1].any() and output[PREPARED_PIXELS][0].any()
+    only_expw = PoolViews(DataConfig(image_size=32, unlabeled_sources=[schema.EXPW]), pa.array(["d"]), 0)
+    assert only_expw(table)[PREPARED_OK].tolist() == [True]
+    # The crops are a pure function of the batch: the same batch gives the same pixels.
+    assert np.array_equal(views(table)[PREPARED_PIXELS], output[PREPARED_PIXELS])
+    empty = views(table.slice(2, 2))
+    assert empty[PREPARED_PIXELS].shape == (0, 32, 32, 3) and empty[PREPARED_OK].shape == (0,)
+
+
+@pytest.mark.ray
+def test_stream_runs_whole_passes_and_resumes_at_a_pass_boundary(local_ray):
+    from pipeline.streaming import StreamedUnlabeled
+
+    items = [{PREPARED_PIXELS: np.full((4, 4, 3), index, np.uint8), PREPARED_OK: index != 3}
+             for index in range(10)]
+    dataset = local_ray.data.from_items(items)
+    stream = StreamedUnlabeled(dataset.iterator(), batch_size=4, shuffle_buffer=0, seed=0, rank=0)
+    seen = []
+    undecodable = 0
+    for _ in range(2):  # one pass: 10 rows -> two whole batches (the partial one is dropped)
+        pixels, skipped = stream.take_prepared(4, None, None)
+        seen += [int(image[0, 0, 0]) for image in pixels]
+        undecodable += skipped
+    assert stream.state_dict() == {"pass_number": 0, "batches": 2}
+    assert len(seen) + undecodable == 8 and undecodable == 1 and 3 not in seen
+    assert len(set(seen)) == len(seen)
+    stream.take_prepared(4, None, None)  # the next pass begins
+    assert stream.state_dict() == {"pass_number": 1, "batches": 1}
+
+    restored = StreamedUnlabeled(dataset.iterator(), 4, 0, seed=0, rank=0)
+    restored.load_state_dict(stream.state_dict())
+    assert restored.state_dict() == {"pass_number": 2, "batches": 0}  # mid-pass: the next one
+    restored.load_state_dict({"pass_number": 5, "batches": 0})
+    assert restored.pass_number == 5
+    with pytest.raises(ValueError, match="4 images a step"):
+        restored.take_prepared(3, None, None)
+    too_big = StreamedUnlabeled(dataset.iterator(), batch_size=16, shuffle_buffer=0, seed=0, rank=0)
+    with pytest.raises(ValueError, match="fewer than 16 rows"):
+        too_big.next_batch()
+
+
+@pytest.mark.ray
+def test_pool_dataset_streams_exactly_the_pool(local_ray, tmp_path):
+    from pipeline.streaming import StreamedUnlabeled, unlabeled_dataset
+
+    split_dir = build_tiny_split(tmp_path)
+    config = load_config(base={"method": "dtm", "data": {"split": split_dir, "image_size": 24,
+                                                          "labeled_batch": 4, "unlabeled_ratio": 2}})
+    pool = split.load_unlabeled_pool(split_dir)
+    expected = sum(int(np.asarray(split.unlabeled_mask(pq.read_table(uri), pool.excluded_ids)).sum())
+                   for uri in pool.file_uris)
+    assert expected > 0
+    stream = StreamedUnlabeled(unlabeled_dataset(config).iterator(), batch_size=8, shuffle_buffer=32,
+                               seed=0, rank=0)
+    total = 0
+    while stream.pass_number == 0:
+        batch = stream.next_batch()
+        if stream.pass_number > 0:
+            break
+        assert batch[PREPARED_PIXELS].shape == (8, 24, 24, 3)
+        total += 8
+    assert expected - 8 < total <= expected  # one whole pass, only the last partial batch dropped
