@@ -35,7 +35,11 @@ class DataConfig:
     unlabeled_sources: list[str] = field(default_factory=list)
     """Restrict the unlabeled pool to these sources (empty: all of the pool)."""
     labeled_pseudo_labels: str | None = None
-    """A `jobs.pseudolabel` output whose accepted rows join the labeled set (closing the loop)."""
+    """A `jobs.pseudolabel` output whose accepted rows join the labeled training set, labeled with
+    their pseudo label (closing the loop). They are sampled like labeled rows but never enter the
+    threshold update, which uses true labels only. Held in memory as JPEG bytes."""
+    pseudo_labels_per_class: int | None = None
+    """Cap on accepted pseudo-labeled rows per class (a seeded draw); None: all of them."""
     colour_jitter: float = 0.4
     """Strength of the weak view's brightness/contrast/saturation jitter (hue gets a quarter)."""
     randaugment_ops: int = 2

@@ -34,6 +34,13 @@ class ImageTable:
     def take_images(self, indices: np.ndarray) -> list[bytes]:
         return self.images.take(pa.array(indices, pa.int64())).to_pylist()
 
+    def concat(self, other: "ImageTable") -> "ImageTable":
+        return ImageTable(images=pa.concat_arrays([self.images, other.images]),
+                          labels=np.concatenate([self.labels, other.labels]),
+                          sample_ids=self.sample_ids + other.sample_ids,
+                          videos=np.concatenate([self.videos, other.videos]),
+                          frames=np.concatenate([self.frames, other.frames]))
+
     @classmethod
     def from_table(cls, table: pa.Table) -> "ImageTable":
         table = table.combine_chunks()

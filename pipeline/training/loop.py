@@ -21,6 +21,7 @@ import torch
 from pipeline import schema, storage
 from pipeline.config import ConfigError
 from pipeline.methods.base import Collectives, Method, MethodContext
+from pipeline.pseudolabels import read_accepted
 from pipeline.sampler import ClassBalancedSampler
 from pipeline.thresholds import ClassStatistics
 from pipeline.training import checkpoint
@@ -172,6 +173,11 @@ class Trainer:
             raise ConfigError("data.split: set it to a jobs.split output folder "
                               "(--set data.split=<dir or s3://...>)")
         self.labeled: ImageTable = read_labeled(config.data.split)
+        self.training_set = self.labeled  # what steps draw from: labeled (+ accepted pseudo labels)
+        if config.data.labeled_pseudo_labels:
+            pseudo = read_accepted(config.data.labeled_pseudo_labels, config.data.pseudo_labels_per_class, seed)
+            self.training_set = self.labeled.concat(ImageTable.from_table(pseudo))
+            print(f"[train] {len(pseudo)} pseudo-labeled rows join {len(self.labeled)} labeled rows", flush=True)
         self.validation: ImageTable = read_validation(config.data.split)
         method_class = config.method_class()
         context = MethodContext(model=config.model, optimizer=config.optimizer,
@@ -184,10 +190,10 @@ class Trainer:
             self.unlabeled = unlabeled or DecodedStream(UnlabeledStream(
                 config.data.split, seed, config.data.shuffle_buffer, config.data.unlabeled_sources,
                 rank, world_size))
-        self.sampler = ClassBalancedSampler(self.labeled.labels,
+        self.sampler = ClassBalancedSampler(self.training_set.labels,
                                             config.run.steps_per_epoch * config.data.labeled_batch,
                                             seed, rank=rank, world_size=world_size)
-        self.inputs = InputPipeline(config.data, needs, self.labeled, self.unlabeled, self.device,
+        self.inputs = InputPipeline(config.data, needs, self.training_set, self.unlabeled, self.device,
                                     seed * 1000 + rank)
         self.epoch = 0
         self.global_step = 0

@@ -1,0 +1,106 @@
+"""Export pseudo labels: a trained checkpoint applied to the whole unlabeled pool (Ray Data actors),
+written as shards with the predicted label, confidence, the class threshold in force, an accepted
+flag and the producing run; `_manifest.json` (written last) has per-class accepted counts.
+
+    python -m jobs.pseudolabel --checkpoint runs/demo_abaw5_dtm --split demo_run/split \
+        --out demo_run/pseudolabels [--confidence 0.95] [--actors 2] [--batch-size 128]
+    python -m jobs.pseudolabel --checkpoint s3://bucket/runs/abaw5_dtm --shards s3://bucket/shards/ms1mv2 \
+        --out s3://bucket/pseudolabels --actors 8 --gpus-per-actor 0.5
+    ray job submit --address http://<head>:8265 --working-dir . -- python -m jobs.pseudolabel ...
+
+`--split` reads the split's unlabeled pool (MS1MV2 + the FER remainder, minus labeled and
+validation rows); `--shards` reads whole shard folders. Thresholds are the checkpoint's own class
+thresholds (DTM, adaptive, class-mean) unless `--confidence` fixes one for every class. Resumable by
+shard: a re-run skips input files already exported by the same checkpoint and thresholds. Feed the
+result back with `jobs.train ... --set data.labeled_pseudo_labels=<out>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from pipeline import storage
+from pipeline.batch_inference import InferenceConfig, run_predictions
+from pipeline.config import ConfigError
+from pipeline.inference import load_frame_model
+from pipeline.prediction_files import (RowFilter, input_files_from_folders, input_files_from_pool,
+                                       read_table)
+from pipeline.pseudolabels import MANIFEST, class_thresholds, mark_accepted, summarise
+from pipeline.raydata import ensure_ray
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--actors", type=int, default=1, help="actor pool size (one model each)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--gpus-per-actor", type=float, default=0.0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per actor")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def inference_config(arguments: argparse.Namespace) -> InferenceConfig:
+    return InferenceConfig(batch_size=arguments.batch_size, actors=arguments.actors,
+                           cpus_per_actor=arguments.cpus_per_actor, gpus_per_actor=arguments.gpus_per_actor,
+                           threads=arguments.threads, device=arguments.device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.pseudolabel", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file, run folder or Ray run")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--split", help="a jobs.split folder: export its unlabeled pool")
+    source.add_argument("--shards", nargs="+", help="shard folders (all rows)")
+    parser.add_argument("--sources", nargs="*", default=[], help="only these sources")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--confidence", type=float, default=None,
+                        help="fixed threshold for every class (default: the checkpoint's thresholds)")
+    add_inference_arguments(parser)
+    arguments = parser.parse_args(argv)
+    try:
+        settings = inference_config(arguments)
+        model = load_frame_model(arguments.checkpoint, "cpu")
+        thresholds, threshold_source = class_thresholds(model.thresholds(), arguments.confidence)
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    extra = RowFilter(sources=list(arguments.sources))
+    if arguments.split:
+        inputs, row_filter = input_files_from_pool(arguments.split, extra)
+    else:
+        row_filter = extra
+        inputs = input_files_from_folders(arguments.shards, row_filter)
+    if not inputs:
+        print("error: no input files", file=sys.stderr)
+        return 2
+    # A manifest means "complete": take it away before anything changes.
+    storage.remove(storage.join(arguments.out, MANIFEST))
+    identity = {"checkpoint": model.checkpoint, "run_id": model.run_id,
+                "thresholds": [round(float(value), 9) for value in thresholds]}
+    ensure_ray()
+    counts = run_predictions(
+        inputs, row_filter, model.checkpoint, arguments.out, settings, identity,
+        finish=lambda table: mark_accepted(table, thresholds, model.run_id))
+    written = [item for item in inputs if item.rows > 0]
+    tables = [read_table(storage.join(arguments.out, item.relative)) for item in written]
+    summary = summarise(tables)
+    manifest = {
+        "checkpoint": model.checkpoint, "run_id": model.run_id, "method": model.config.method,
+        "threshold_source": threshold_source, "thresholds": thresholds.tolist(),
+        "inputs": arguments.split or arguments.shards, **summary, **counts,
+        "seconds": time.perf_counter() - started,
+        "files": [{"path": item.relative, "input": item.uri, "rows": item.rows} for item in written],
+    }
+    storage.write_json_atomic(storage.join(arguments.out, MANIFEST), manifest)
+    rate = summary["acceptance_rate"]
+    print(f"[pseudolabel] {summary['rows']:,} rows, {summary['accepted']:,} accepted "
+          f"({rate:.1%}) by {model.run_id}; per class {summary['accepted_per_class']}"
+          if rate is not None else "[pseudolabel] no rows")
+    print(f"[pseudolabel] wrote {storage.join(arguments.out, MANIFEST)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

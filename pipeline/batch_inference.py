@@ -1,0 +1,115 @@
+"""Ray Data batch inference: shard files -> filter (tasks) -> `Predictor` actors (model built once
+per actor, `num_gpus` on GPU clusters) -> the driver's `FileCollector`, which writes one output
+file per input file. Inputs already done by an earlier run with the same model are skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pyarrow as pa
+import ray.data
+from ray.data import ActorPoolStrategy
+
+from pipeline import config as typed
+from pipeline import schema, storage
+from pipeline.inference import FrameModel, load_frame_model, predict_rows
+from pipeline.prediction_files import (PATH_COLUMN, FileCollector, InputFile, RowFilter, is_done)
+
+READ_COLUMNS = [schema.SAMPLE_ID, schema.IMAGE, schema.SOURCE, schema.SPLIT, schema.VIDEO,
+                schema.FRAME, schema.LABEL]
+
+
+@dataclass
+class InferenceConfig:
+    batch_size: int = 128
+    """Images per model call in each actor."""
+    actors: int = 1
+    """Size of the actor pool (each holds one copy of the model)."""
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    """GPUs per actor on GPU clusters (fractions share one GPU between actors)."""
+    threads: int = 1
+    """torch intra-op threads per actor."""
+    device: str = "auto"
+    """auto (CUDA when the actor has a GPU), cpu or cuda."""
+
+    def __post_init__(self) -> None:
+        typed.check(self.batch_size >= 1, "inference.batch_size", "must be at least 1")
+        typed.check(self.actors >= 1, "inference.actors", "must be at least 1")
+        typed.check(self.cpus_per_actor > 0, "inference.cpus_per_actor", "must be positive")
+        typed.check(self.gpus_per_actor >= 0, "inference.gpus_per_actor", "must be >= 0")
+        typed.check(self.device in ("auto", "cpu", "cuda"), "inference.device", "auto, cpu or cuda")
+
+
+class Predictor:
+    """The map_batches callable class: the model is loaded once per actor."""
+
+    def __init__(self, checkpoint: str, with_features: bool, device: str, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model: FrameModel = load_frame_model(checkpoint, device)
+        self.with_features = with_features
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return predict_rows(self.model, table, self.with_features).append_column(PATH_COLUMN, table[PATH_COLUMN])
+
+
+def prediction_dataset(inputs: list[InputFile], row_filter: RowFilter, checkpoint: str,
+                       settings: InferenceConfig, with_features: bool = False) -> ray.data.Dataset:
+    """The lazily executed stream of `predict_rows` tables (plus the input `path`) for `inputs`."""
+    filesystem, _ = storage.filesystem(inputs[0].uri)
+    dataset = ray.data.read_parquet([item.path for item in inputs], filesystem=filesystem,
+                                    include_paths=True)
+    available = set(READ_COLUMNS)  # missing optional columns (video/frame on crops) stay absent
+    dataset = dataset.map_batches(_FilterColumns(row_filter, available), batch_format="pyarrow",
+                                  batch_size=None)
+    return dataset.map_batches(
+        Predictor, fn_constructor_kwargs={"checkpoint": checkpoint, "with_features": with_features,
+                                          "device": settings.device, "threads": settings.threads},
+        batch_format="pyarrow", batch_size=settings.batch_size,
+        compute=ActorPoolStrategy(size=settings.actors), num_cpus=settings.cpus_per_actor,
+        num_gpus=settings.gpus_per_actor or None)
+
+
+class _FilterColumns:
+    """Keep the rows `row_filter` selects and the columns inference needs (plus `path`)."""
+
+    def __init__(self, row_filter: RowFilter, columns: set[str]) -> None:
+        self.row_filter = row_filter
+        self.columns = columns
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        table = self.row_filter(table)
+        keep = [name for name in table.column_names if name in self.columns or name == PATH_COLUMN]
+        return table.select(keep)
+
+
+def run_predictions(inputs: list[InputFile], row_filter: RowFilter, checkpoint: str, out: str,
+                    settings: InferenceConfig, identity: dict[str, Any],
+                    finish: Callable[[pa.Table], pa.Table] | None = None, with_features: bool = False,
+                    sort_by: list[str] | None = None, progress: bool = True) -> dict[str, int]:
+    """Predict every input not already done into `<out>/<relative>`; returns counts of inputs done
+    now, skipped as done before, and empty."""
+    empty = [item for item in inputs if item.rows == 0]  # no rows selected: no output file
+    pending = [item for item in inputs if item.rows > 0 and not is_done(out, item, identity)]
+    skipped = len(inputs) - len(pending) - len(empty)
+    collector = FileCollector(out, pending, identity, finish, sort_by)
+    streaming = pending
+    if progress:
+        print(f"[predict] {len(streaming)} input files to predict, {skipped} done before, "
+              f"{len(empty)} without rows", flush=True)
+    if streaming:
+        dataset = prediction_dataset(streaming, row_filter, checkpoint, settings, with_features)
+        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):
+            before = len(collector.written)
+            collector.add(batch)
+            if progress and len(collector.written) > before:
+                print(f"[predict] {len(collector.written)}/{len(streaming)} files written",
+                      flush=True)
+    collector.check_complete(pending)
+    return {"predicted_files": len(streaming), "skipped_done_files": skipped, "empty_files": len(empty)}

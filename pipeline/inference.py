@@ -1,0 +1,160 @@
+"""A trained checkpoint applied to shard rows: find and load the evaluation network of any checkpoint
+we write, and `predict_rows`, the pure per-batch function Ray Data actors call (probabilities,
+predicted label, confidence and optionally pooled features per row). No Ray here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline import schema, storage
+from pipeline.methods.base import Method, MethodContext
+from pipeline.training import checkpoint
+from pipeline.training.config import TrainConfig, load_config
+from pipeline.training.inputs import evaluation_tensor
+
+PROBABILITY_COLUMNS = [f"probability_{name.lower()}" for name in schema.CLASS_NAMES]
+PREDICTED = "predicted"
+CONFIDENCE = "confidence"
+DECODED = "decoded"
+FEATURES = "features"
+RAY_CHECKPOINT = re.compile(r"^checkpoint_")
+
+
+def resolve_checkpoint(uri: str) -> str:
+    """The checkpoint file meant by `uri`: a `.pt` file; a folder with `checkpoints/epoch-NNNN.pt`
+    (a single-process run, or one Ray checkpoint); or a Ray Train run folder (its newest epoch)."""
+    if uri.endswith(".pt"):
+        if not storage.exists(uri):
+            raise FileNotFoundError(f"{uri}: no such checkpoint file")
+        return uri
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{uri}: no such checkpoint, run or folder")
+    found = checkpoint.latest(uri)
+    if found:
+        return found
+    candidates = []
+    for name in storage.list_dir(uri):
+        if RAY_CHECKPOINT.match(name):
+            folder = storage.join(uri, name)
+            epochs = checkpoint.list_checkpoints(folder)
+            if epochs:
+                candidates.append((epochs[-1], checkpoint.latest(folder)))
+    if not candidates:
+        raise FileNotFoundError(f"{uri}: no checkpoint here (expected a .pt file, a run folder with "
+                                f"{checkpoint.CHECKPOINT_FOLDER}/epoch-NNNN.pt, or a Ray Train run "
+                                "folder with checkpoint_* folders)")
+    return max(candidates)[1]
+
+
+@dataclass
+class FrameModel:
+    """A trained method's evaluation network, ready to predict."""
+
+    method: Method
+    config: TrainConfig
+    checkpoint: str
+    epoch: int
+
+    @property
+    def run_id(self) -> str:
+        """What produced a prediction: the run's name and epoch (stored with every output row)."""
+        return f"{self.config.run.name}@epoch-{self.epoch:04d}"
+
+    @property
+    def network(self) -> torch.nn.Module:
+        return self.method.evaluation_model()
+
+    def thresholds(self) -> np.ndarray | None:
+        """The class thresholds the method held when saved (None for methods without them)."""
+        thresholds = self.method.thresholds()
+        return thresholds.detach().cpu().double().numpy() if thresholds is not None else None
+
+
+def load_frame_model(uri: str, device: str | torch.device = "cpu") -> FrameModel:
+    """Rebuild the method from the checkpoint's own config and load its state (weights_only)."""
+    path = resolve_checkpoint(uri)
+    state = checkpoint.load(path, map_location="cpu")
+    if "config" not in state or "method" not in state:
+        raise ValueError(f"{path}: not a training checkpoint of this pipeline (no config/method)")
+    config = load_config(base=json.loads(state["config"]))
+    # The weights come from the checkpoint: never fetch or read the initial weights again.
+    model_config = dataclasses.replace(config.model, pretrained=False, pretrained_path=None)
+    config = dataclasses.replace(config, model=model_config)
+    context = MethodContext(model=model_config, optimizer=config.optimizer, total_steps=config.total_steps,
+                            device=torch.device(device), precision=config.run.precision)
+    method = config.method_class()(config.options(), context)
+    method.load_state_dict(state["method"])
+    method.evaluation_model().eval()
+    return FrameModel(method=method, config=config, checkpoint=path, epoch=int(state["epoch"]))
+
+
+@torch.no_grad()
+def pooled_features(model: FrameModel, images: torch.Tensor) -> torch.Tensor:
+    """The pooled pre-logit features of the evaluation network (timm's forward_head contract)."""
+    network = model.network
+    if not (hasattr(network, "forward_features") and hasattr(network, "forward_head")):
+        raise TypeError(f"{type(network).__name__}: features need a timm model "
+                        "(forward_features / forward_head)")
+    with model.method.autocast():
+        features = network.forward_head(network.forward_features(model.method.prepare(images)),
+                                        pre_logits=True)
+    return features.float().flatten(1)
+
+
+@torch.no_grad()
+def predict_rows(model: FrameModel, table: pa.Table, with_features: bool = False) -> pa.Table:
+    """Shard rows -> one output row each: the identifying columns that are present (sample_id,
+    source, split, video, frame, label), the 8 probabilities, predicted label, confidence, `decoded`,
+    optionally `features`. Undecodable rows keep their identity with predicted -1, zero
+    probabilities and decoded False, so they are counted, never silently dropped."""
+    device = model.method.device
+    data = model.config.data
+    count = table.num_rows
+    probabilities = np.zeros((count, schema.NUM_CLASSES), np.float32)
+    features = None
+    ok = np.zeros(count, bool)
+    if count:
+        images, ok = evaluation_tensor(table[schema.IMAGE].to_pylist(), data, device)
+        if ok.any():
+            kept = images[torch.from_numpy(ok).to(device)]
+            if with_features:
+                pooled = pooled_features(model, kept)
+                # timm heads end in the classifier applied to the pooled features (dropout is off in
+                # eval), so one forward gives both; a test checks this equals the plain forward.
+                with model.method.autocast():
+                    logits = model.network.get_classifier()(pooled)
+                probabilities[ok] = logits.float().softmax(dim=1).cpu().numpy()
+                features = np.zeros((count, pooled.shape[1]), np.float32)
+                features[ok] = pooled.cpu().numpy()
+            else:
+                probabilities[ok] = model.method.predict(kept).cpu().numpy()
+    predicted = np.where(ok, probabilities.argmax(axis=1), schema.NO_LABEL).astype(np.int64)
+    columns: dict[str, pa.Array] = {}
+    for name in (schema.SAMPLE_ID, schema.SOURCE, schema.SPLIT, schema.VIDEO, schema.FRAME, schema.LABEL):
+        if name in table.column_names:
+            columns[name] = table[name]
+    for index, name in enumerate(PROBABILITY_COLUMNS):
+        columns[name] = pa.array(probabilities[:, index])
+    columns[PREDICTED] = pa.array(predicted)
+    columns[CONFIDENCE] = pa.array(probabilities.max(axis=1))
+    columns[DECODED] = pa.array(ok)
+    if with_features:
+        width = features.shape[1] if features is not None else 0
+        flat = (features if features is not None else np.zeros((count, width), np.float32)).reshape(-1)
+        columns[FEATURES] = pa.FixedSizeListArray.from_arrays(pa.array(flat), width) if width \
+            else pa.array([[] for _ in range(count)], pa.list_(pa.float32()))
+    return pa.table(columns)
+
+
+def probabilities_of(table: pa.Table) -> np.ndarray:
+    """The (N, 8) probability matrix of a `predict_rows` output."""
+    return np.stack([table[name].to_numpy(zero_copy_only=False) for name in PROBABILITY_COLUMNS],
+                    axis=1).astype(np.float32)

@@ -1,0 +1,362 @@
+"""Batch inference and pseudo-label export: loading checkpoints, `predict_rows` against the
+trainer's own prediction, the per-file collector, per-video outputs, and the jobs on a local Ray
+(single-process equivalence, a killed run re-run, resume by shard, the loop back into training)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import build_tiny_split, make_jpeg
+from pipeline import schema, shards, smoothing, split, storage, submission
+from pipeline.inference import (CONFIDENCE, DECODED, FEATURES, PREDICTED, load_frame_model,
+                                predict_rows, probabilities_of, resolve_checkpoint)
+from pipeline.prediction_files import (PATH_COLUMN, FileCollector, InputFile, RowFilter, is_done,
+                                       read_table)
+from pipeline.pseudolabels import ACCEPTED, THRESHOLD, mark_accepted, read_accepted, summarise
+from pipeline.training import checkpoint
+from pipeline.training.config import load_config
+from pipeline.training.data import read_validation
+from pipeline.training.evaluate import predict_table
+from pipeline.training.loop import Trainer
+from pipeline.video_predictions import SMOOTHED, add_smoothed, video_file, write_videos
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config_mapping(split_dir: str, storage_folder: str) -> dict:
+    return {
+        "method": "dtm", "method_options": {"ema_decay": 0.5},
+        "model": {"backbone": "test_resnet", "channels_last": False},
+        "data": {"split": split_dir, "image_size": 32, "labeled_batch": 8, "unlabeled_ratio": 1,
+                 "shuffle_buffer": 64},
+        "evaluation": {"windows": [5], "batch_size": 64},
+        "run": {"name": "frame", "storage": storage_folder, "epochs": 2, "steps_per_epoch": 3},
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny split and a 2-epoch DTM run on it (its thresholds have moved)."""
+    root = tmp_path_factory.mktemp("inference")
+    split_dir = build_tiny_split(root)
+    mapping = config_mapping(split_dir, str(root / "runs"))
+    Trainer(load_config(base=mapping)).fit()
+    return {"root": root, "split": split_dir, "shards": str(root / "shards"), "mapping": mapping,
+            "run": str(root / "runs" / "frame")}
+
+
+# ------------------------------------------------------------------ checkpoints and predict_rows
+
+def test_resolve_checkpoint_finds_every_layout(trained, tmp_path):
+    run = trained["run"]
+    newest = resolve_checkpoint(run)
+    assert newest.endswith("epoch-0002.pt")
+    assert resolve_checkpoint(newest) == newest
+    # A Ray Train run folder: checkpoint_* folders, each with checkpoints/epoch-NNNN.pt.
+    for name, epoch in (("checkpoint_2026-01-01_a", 1), ("checkpoint_2026-01-01_b", 3)):
+        os.makedirs(tmp_path / name / "checkpoints")
+        shutil.copy(newest, tmp_path / name / "checkpoints" / checkpoint.checkpoint_name(epoch))
+    assert resolve_checkpoint(str(tmp_path)).endswith("checkpoint_2026-01-01_b/checkpoints/epoch-0003.pt")
+    with pytest.raises(FileNotFoundError, match="no checkpoint here"):
+        resolve_checkpoint(str(tmp_path / "checkpoint_2026-01-01_a" / "checkpoints"))
+    with pytest.raises(FileNotFoundError, match="no such"):
+        resolve_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_predict_rows_equals_the_trainers_own_prediction(trained):
+    model = load_frame_model(trained["run"])
+    assert model.run_id == "frame@epoch-0002" and model.epoch == 2
+    trainer = Trainer(load_config(base=trained["mapping"]))
+    assert trainer.resume_if_possible()
+    validation = read_validation(trained["split"])
+    expected = predict_table(validation, trainer.method.predict, trainer.inputs.evaluation_images, 64)
+    table = pa.concat_tables([read_table(uri) for uri in shards.Manifest.load(
+        storage.join(trained["split"], split.VALIDATION)).file_uris(storage.join(trained["split"], split.VALIDATION))])
+    rows = predict_rows(model, table)
+    assert rows[schema.SAMPLE_ID].to_pylist() == validation.sample_ids
+    np.testing.assert_allclose(probabilities_of(rows), expected, rtol=1e-5, atol=1e-6)
+    assert rows[PREDICTED].to_numpy().tolist() == expected.argmax(axis=1).tolist()
+    np.testing.assert_allclose(rows[CONFIDENCE].to_numpy(), expected.max(axis=1), rtol=1e-6)
+    # The thresholds are the trained method's, not the initial constant.
+    thresholds = model.thresholds()
+    assert thresholds.shape == (8,)
+    assert np.allclose(thresholds, trainer.method.thresholds().double().numpy())
+
+
+def test_features_come_with_the_same_probabilities_and_undecodable_rows_are_kept(trained):
+    model = load_frame_model(trained["run"])
+    images = [make_jpeg(index, (40, 40)) for index in range(5)]
+    images[2] = b"broken"
+    table = pa.table({schema.SAMPLE_ID: [f"id{index}" for index in range(5)],
+                      schema.IMAGE: pa.array(images, pa.binary())})
+    plain = predict_rows(model, table)
+    with_features = predict_rows(model, table, with_features=True)
+    np.testing.assert_allclose(probabilities_of(with_features), probabilities_of(plain), rtol=1e-5, atol=1e-6)
+    features = np.asarray(with_features[FEATURES].to_pylist(), np.float32)
+    assert features.shape[0] == 5 and features.shape[1] > 0
+    assert plain[DECODED].to_pylist() == [True, True, False, True, True]
+    assert plain[PREDICTED][2].as_py() == -1 and not probabilities_of(plain)[2].any()
+    assert not features[2].any() and features[0].any()
+
+
+# ------------------------------------------------------------------ pure outputs
+
+def test_mark_accepted_uses_the_predicted_class_threshold():
+    table = pa.table({PREDICTED: pa.array([0, 1, 1, -1], pa.int64()),
+                      CONFIDENCE: pa.array([0.5, 0.9, 0.6, 0.0], pa.float32()),
+                      DECODED: [True, True, True, False]})
+    thresholds = np.array([0.4, 0.7, 0, 0, 0, 0, 0, 0.99])
+    marked = mark_accepted(table, thresholds, "run@epoch-0001")
+    assert marked[ACCEPTED].to_pylist() == [True, True, False, False]
+    assert marked[THRESHOLD].to_pylist()[:3] == pytest.approx([0.4, 0.7, 0.7])
+    assert marked[THRESHOLD][3].as_py() != marked[THRESHOLD][3].as_py()  # NaN: no class
+    summary = summarise([marked, marked])
+    assert summary["rows"] == 8 and summary["accepted"] == 4 and summary["undecodable"] == 2
+    assert summary["accepted_per_class"]["Neutral"] == 2 and summary["accepted_per_class"]["Anger"] == 2
+    assert summary["acceptance_rate"] == 0.5
+
+
+def test_file_collector_writes_complete_files_only_and_refuses_duplicates(tmp_path):
+    out = str(tmp_path / "out")
+    inputs = [InputFile(uri="/data/a.parquet", relative="src/a.parquet", rows=3),
+              InputFile(uri="/data/b.parquet", relative="src/b.parquet", rows=2)]
+    identity = {"checkpoint": "x"}
+    collector = FileCollector(out, inputs, identity)
+
+    def rows(path, ids):
+        return pa.table({schema.SAMPLE_ID: ids, PATH_COLUMN: [path] * len(ids)})
+
+    collector.add(rows("/data/a.parquet", ["a3", "a1"]))
+    assert not os.path.exists(tmp_path / "out" / "src" / "a.parquet")
+    collector.add(pa.concat_tables([rows("/data/b.parquet", ["b1"]), rows("/data/a.parquet", ["a2"])]))
+    written = pq.read_table(tmp_path / "out" / "src" / "a.parquet")
+    assert written[schema.SAMPLE_ID].to_pylist() == ["a1", "a2", "a3"]
+    assert PATH_COLUMN not in written.column_names
+    assert is_done(out, inputs[0], identity) and not is_done(out, inputs[0], {"checkpoint": "y"})
+    assert not is_done(out, inputs[1], identity)
+    with pytest.raises(RuntimeError, match=r"/data/b.parquet \(1/2 rows\)"):
+        collector.check_complete(inputs)
+    collector.add(rows("/data/b.parquet", ["b2"]))
+    collector.check_complete(inputs)
+    with pytest.raises(ValueError, match="duplicates"):
+        FileCollector(out, inputs, identity).add(rows("/data/b.parquet", ["b1", "b2", "b3"]))
+    with pytest.raises(ValueError, match="not one of this run's inputs"):
+        collector.add(rows("/data/c.parquet", ["c1"]))
+
+
+def test_video_outputs_smooth_within_videos_and_replace_stale_files(tmp_path):
+    videos = ["v1"] * 6 + ["v/2"] * 4
+    frames = list(range(1, 7)) + [1, 2, 3, 4]
+    predicted = [0, 1, 0, 0, 2, 0, 1, 1, 0, 1]
+    table = pa.table({schema.VIDEO: videos, schema.FRAME: frames, PREDICTED: pa.array(predicted, pa.int64())})
+    smoothed = add_smoothed(table, 3, smoothing.CENTRED)[SMOOTHED].to_pylist()
+    expected = np.concatenate([smoothing.smooth_labels(np.array(predicted[:6]), 3),
+                               smoothing.smooth_labels(np.array(predicted[6:]), 3)])
+    assert smoothed == expected.tolist()
+    out = str(tmp_path)
+    os.makedirs(tmp_path / "videos")
+    (tmp_path / "videos" / "old.parquet").write_bytes(b"stale")
+    sorted_table = add_smoothed(table, 3, smoothing.CENTRED).sort_by([(schema.VIDEO, "ascending"),
+                                                                      (schema.FRAME, "ascending")])
+    files = write_videos(out, sorted_table, "run@epoch-0001")
+    assert sorted(files) == ["videos/v1.parquet", "videos/v_2.parquet"]
+    assert sorted(os.listdir(tmp_path / "videos")) == ["v1.parquet", "v_2.parquet"]
+    assert pq.read_table(tmp_path / "videos" / "v_2.parquet")[schema.FRAME].to_pylist() == [1, 2, 3, 4]
+    assert video_file("..") == "video___.parquet" and "/" not in video_file("a/../b")
+
+
+# ------------------------------------------------------------------ the jobs on a local Ray
+
+def run_infer(trained, out: str, *extra: str) -> dict:
+    from jobs import infer
+
+    annotations = os.path.join(str(trained["root"]), "corpus", schema.AFFWILD2)
+    frame_list = [os.path.join(root, name) for root, _, names in os.walk(annotations)
+                  for name in names if "Validation_Set" in root]
+    assert frame_list
+    code = infer.main(["--checkpoint", trained["run"], "--shards", f"{trained['shards']}/{schema.AFFWILD2}",
+                       "--out", out, "--window", "5",
+                       "--submission", os.path.dirname(frame_list[0]), *extra])
+    assert code == 0
+    with open(os.path.join(out, "_manifest.json")) as handle:
+        return json.load(handle)
+
+
+def output_tables(out: str) -> dict[str, pa.Table]:
+    found = {}
+    for root, _, names in os.walk(out):
+        for name in names:
+            if name.endswith(".parquet"):
+                path = os.path.join(root, name)
+                found[os.path.relpath(path, out)] = pq.read_table(path)
+    return found
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(local_ray, trained):
+    out = str(trained["root"] / "infer-uninterrupted")
+    return out, run_infer(trained, out)
+
+
+@pytest.mark.ray
+def test_infer_equals_single_process_prediction_and_writes_the_submission(uninterrupted, trained):
+    out, manifest = uninterrupted
+    model = load_frame_model(trained["run"])
+    shard_folder = f"{trained['shards']}/{schema.AFFWILD2}"
+    frames = pa.concat_tables([read_table(uri) for uri in shards.Manifest.load(shard_folder).file_uris(shard_folder)])
+    expected = predict_rows(model, frames)
+    expected_by_id = dict(zip(expected[schema.SAMPLE_ID].to_pylist(), probabilities_of(expected)))
+
+    videos = [table for name, table in output_tables(out).items() if name.startswith("videos/")]
+    assert len(videos) == manifest["videos"] > 1
+    combined = pa.concat_tables(videos)
+    assert combined.num_rows == frames.num_rows == manifest["frames"]
+    assert len(set(combined[schema.SAMPLE_ID].to_pylist())) == combined.num_rows
+    got = probabilities_of(combined)
+    want = np.stack([expected_by_id[sample_id] for sample_id in combined[schema.SAMPLE_ID].to_pylist()])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for table in videos:
+        assert table[schema.FRAME].to_pylist() == sorted(table[schema.FRAME].to_pylist())
+        assert set(table["run_id"].to_pylist()) == {"frame@epoch-0002"}
+        assert table[SMOOTHED].to_pylist() == smoothing.smooth_labels(table[PREDICTED].to_numpy(), 5).tolist()
+
+    # Labeled input: macro-F1 raw and smoothed, as the metrics module computes them.
+    from pipeline import metrics
+
+    targets = combined[schema.LABEL].to_numpy()
+    assert manifest["scores"]["raw"]["macro_f1"] == pytest.approx(
+        metrics.macro_f1(targets, combined[PREDICTED].to_numpy()))
+    assert manifest["scores"]["smoothed"]["macro_f1"] == pytest.approx(
+        metrics.macro_f1(targets, combined[SMOOTHED].to_numpy()))
+
+    # The submission: every annotated validation frame, exact header, labels from the smoothed ones.
+    wanted, labels = submission.read_submission(os.path.join(out, "submission.txt"))
+    with open(os.path.join(out, "submission.txt")) as handle:
+        assert handle.readline().rstrip("\n") == \
+            "image_location,Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other"
+    assert len(wanted) == manifest["submission"]["frames"]
+    smoothed_of = {(video, frame): label for video, frame, label in zip(
+        combined[schema.VIDEO].to_pylist(), combined[schema.FRAME].to_pylist(), combined[SMOOTHED].to_pylist())}
+    exact = [(frame, label) for frame, label in zip(wanted, labels.tolist()) if frame in smoothed_of]
+    validation_frames = int(np.sum(combined[schema.SPLIT].to_numpy(zero_copy_only=False) == schema.VALIDATION))
+    assert len(exact) == manifest["submission"]["exact"] == validation_frames > 0
+    assert all(smoothed_of[frame] == label for frame, label in exact)
+
+
+CRASHING_RUN = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    from pipeline import prediction_files
+    original = prediction_files.FileCollector._write
+    def write_then_die(self, item):
+        original(self, item)
+        if len(self.written) == 1:  # a real kill, of the whole local job, after one file
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+    prediction_files.FileCollector._write = write_then_die
+    from jobs import infer
+    sys.exit(infer.main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.ray
+def test_a_killed_infer_rerun_gives_the_uninterrupted_result(uninterrupted, trained, tmp_path):
+    reference, _ = uninterrupted
+    out = str(tmp_path / "infer-killed")
+    script = tmp_path / "crash.py"
+    script.write_text(CRASHING_RUN.format(root=ROOT))
+    command = [sys.executable, str(script), "--checkpoint", trained["run"],
+               "--shards", f"{trained['shards']}/{schema.AFFWILD2}", "--out", out, "--window", "5"]
+    environment = dict(os.environ, RAY_ADDRESS="")  # its own local Ray, killed with it
+    environment.pop("RAY_ADDRESS")
+    process = subprocess.run(command, start_new_session=True, env=environment, capture_output=True,
+                             timeout=300)
+    assert process.returncode == -signal.SIGKILL, process.stderr.decode()[-2000:]
+    assert not os.path.exists(os.path.join(out, "_manifest.json"))  # nothing claims completeness
+    partial = output_tables(out)
+    assert len(partial) == 1 and all(name.startswith("frames/") for name in partial)
+
+    manifest = run_infer(trained, out)
+    assert manifest["skipped_done_files"] == 1
+    done, expected = output_tables(out), output_tables(reference)
+    assert sorted(done) == sorted(expected)
+    for name, table in expected.items():
+        again = done[name]
+        assert again[schema.SAMPLE_ID].to_pylist() == table[schema.SAMPLE_ID].to_pylist(), name
+        assert again[PREDICTED].to_pylist() == table[PREDICTED].to_pylist(), name
+        np.testing.assert_allclose(probabilities_of(again), probabilities_of(table), rtol=1e-5, atol=1e-6)
+    with open(os.path.join(out, "submission.txt")) as mine, \
+            open(os.path.join(reference, "submission.txt")) as theirs:
+        assert mine.read() == theirs.read()
+
+
+@pytest.mark.ray
+def test_pseudolabel_export_resumes_by_shard_and_feeds_training(local_ray, trained, tmp_path):
+    from jobs import pseudolabel
+
+    out = str(tmp_path / "pseudo")
+    arguments = ["--checkpoint", trained["run"], "--split", trained["split"], "--out", out,
+                 "--confidence", "0.15"]
+    assert pseudolabel.main(arguments) == 0
+    manifest = storage.read_json(os.path.join(out, "_manifest.json"))
+    pool = split.load_unlabeled_pool(trained["split"])
+    tables = [read_table(os.path.join(out, entry["path"])) for entry in manifest["files"]]
+    combined = pa.concat_tables(tables)
+    assert combined.num_rows == manifest["rows"] == pool.rows
+    assert not set(combined[schema.SAMPLE_ID].to_pylist()) & set(pool.excluded_ids.to_pylist())
+    accepted = combined[ACCEPTED].to_numpy(zero_copy_only=False)
+    confidence = combined[CONFIDENCE].to_numpy()
+    assert accepted.tolist() == ((confidence >= np.float32(0.15)) & combined[DECODED].to_numpy(zero_copy_only=False)).tolist()
+    assert 0 < manifest["accepted"] == int(accepted.sum())
+    assert sum(manifest["accepted_per_class"].values()) == manifest["accepted"]
+    assert manifest["threshold_source"] == "fixed" and manifest["run_id"] == "frame@epoch-0002"
+    before = {entry["path"]: open(os.path.join(out, entry["path"]), "rb").read() for entry in manifest["files"]}
+
+    # A re-run skips every file (same checkpoint and thresholds) and leaves them as they were.
+    assert pseudolabel.main(arguments) == 0
+    again = storage.read_json(os.path.join(out, "_manifest.json"))
+    assert again["skipped_done_files"] == len(manifest["files"]) and again["predicted_files"] == 0
+    assert {path: open(os.path.join(out, path), "rb").read() for path in before} == before
+    # The checkpoint's own (DTM) thresholds are a different export: every file is predicted again.
+    assert pseudolabel.main(arguments[:-2]) == 0
+    own = storage.read_json(os.path.join(out, "_manifest.json"))
+    assert own["threshold_source"] == "checkpoint" and own["predicted_files"] == len(manifest["files"])
+    assert own["thresholds"] == pytest.approx(load_frame_model(trained["run"]).thresholds().tolist())
+    assert pseudolabel.main(arguments) == 0  # back to the fixed threshold for the loop below
+
+    # Closing the loop: accepted rows join the labeled training set with their pseudo labels.
+    rows = read_accepted(out)
+    assert rows.num_rows == manifest["accepted"]
+    assert rows[schema.IMAGE].null_count == 0
+    by_id = dict(zip(combined[schema.SAMPLE_ID].to_pylist(), combined[PREDICTED].to_pylist()))
+    assert all(by_id[sample_id] == label for sample_id, label in
+               zip(rows[schema.SAMPLE_ID].to_pylist(), rows[schema.LABEL].to_pylist()))
+    assert read_accepted(out, per_class=1).num_rows <= 8
+    mapping = dict(trained["mapping"], data=dict(trained["mapping"]["data"], labeled_pseudo_labels=out),
+                   run=dict(trained["mapping"]["run"], name="looped", epochs=1, storage=str(tmp_path / "runs")))
+    trainer = Trainer(load_config(base=mapping))
+    assert len(trainer.training_set) == len(trainer.labeled) + manifest["accepted"]
+    # The sampler draws from the joined set: some epoch indices point past the labeled rows.
+    drawn = trainer.sampler.indices(0)
+    assert drawn.max() < len(trainer.training_set)
+    assert (drawn >= len(trainer.labeled)).any()
+    trainer.fit()
+
+
+def test_row_filter_selects_pool_and_subsets():
+    table = pa.table({schema.SAMPLE_ID: ["a", "b", "c"], schema.SOURCE: [schema.AFFWILD2] * 3,
+                      schema.SPLIT: ["train", "validation", "train"]})
+    assert RowFilter(splits=["validation"])(table)[schema.SAMPLE_ID].to_pylist() == ["b"]
+    assert RowFilter(excluded_ids=pa.array(["a"]))(table)[schema.SAMPLE_ID].to_pylist() == ["c"]
+    assert RowFilter()(table).num_rows == 3 and not RowFilter().active
+
