@@ -29,7 +29,8 @@ from pipeline.config import ConfigError
 from pipeline.inference import load_frame_model
 from pipeline.prediction_files import RowFilter, input_files_from_folders, read_table
 from pipeline.raydata import ensure_ray
-from pipeline.video_predictions import add_smoothed, in_frame_order, scores, write_videos
+from pipeline.temporal_training import load_temporal_model
+from pipeline.video_predictions import add_smoothed, apply_temporal, in_frame_order, scores, write_videos
 from jobs.pseudolabel import add_inference_arguments, inference_config
 
 MANIFEST = "_manifest.json"
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--submission", default=None,
                         help="frame list (video/00001.jpg per line) or Aff-Wild2 annotation folder")
     parser.add_argument("--submission-out", default=None, help="default: <out>/submission.txt")
+    parser.add_argument("--temporal", default=None,
+                        help="a jobs.train_temporal run (or its temporal.pt): frame features -> the "
+                             "temporal encoder -> smoothing; --checkpoint must be its frame model")
     add_inference_arguments(parser)
     arguments = parser.parse_args(argv)
     try:
@@ -55,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         if arguments.window < 1:
             raise ConfigError("--window: must be at least 1")
         model = load_frame_model(arguments.checkpoint, "cpu")
+        temporal = load_temporal_model(arguments.temporal) if arguments.temporal else None
+        if temporal and temporal[2]["frame_run_id"] != model.run_id:
+            raise ValueError(f"--temporal was trained on features of {temporal[2]['frame_run_id']}, "
+                             f"--checkpoint is {model.run_id}")
         wanted = None
         if arguments.submission:
             wanted = (submission.frame_list_from_annotations(arguments.submission)
@@ -67,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     inputs = input_files_from_folders(arguments.shards, row_filter)
     frames_out = storage.join(arguments.out, FRAMES_FOLDER)
     storage.remove(storage.join(arguments.out, MANIFEST))  # "complete" is only ever said last
-    identity = {"checkpoint": model.checkpoint, "run_id": model.run_id}
+    identity = {"checkpoint": model.checkpoint, "run_id": model.run_id, "features": temporal is not None}
     ensure_ray()
-    counts = run_predictions(inputs, row_filter, model.checkpoint, frames_out, settings, identity)
+    counts = run_predictions(inputs, row_filter, model.checkpoint, frames_out, settings, identity,
+                             with_features=temporal is not None)
     first_output = time.perf_counter() - started
 
     used = [item for item in inputs if item.rows > 0]
@@ -78,11 +87,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     smoothing_started = time.perf_counter()
     table = in_frame_order([read_table(storage.join(frames_out, item.relative)) for item in used])
+    run_id = model.run_id
+    if temporal is not None:
+        table = apply_temporal(table, temporal[0], temporal[1].temporal)
+        run_id = f"{model.run_id}+{temporal[1].run.name}"
     table = add_smoothed(table, arguments.window, arguments.mode)
     smoothing_seconds = time.perf_counter() - smoothing_started
-    files = write_videos(arguments.out, table, model.run_id)
+    files = write_videos(arguments.out, table, run_id)
     result = scores(table)
-    report = {"checkpoint": model.checkpoint, "run_id": model.run_id, "window": arguments.window,
+    report = {"checkpoint": model.checkpoint, "temporal": arguments.temporal, "run_id": run_id,
+              "window": arguments.window,
               "mode": arguments.mode, "tie_rule": smoothing.TIE_RULE, "frames": table.num_rows,
               "videos": len(files), "undecodable": int((table["decoded"].to_numpy(zero_copy_only=False) == 0).sum()),
               "scores": result, **counts}
@@ -98,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                   seconds_to_frame_predictions=first_output,
                   files=[f"{FRAMES_FOLDER}/{item.relative}" for item in used] + files)
     storage.write_json_atomic(storage.join(arguments.out, MANIFEST), report)
-    line = f"[infer] {table.num_rows:,} frames in {len(files)} videos by {model.run_id}"
+    line = f"[infer] {table.num_rows:,} frames in {len(files)} videos by {run_id}"
     if result:
         line += (f"; macro-F1 raw {result['raw']['macro_f1']:.4f}, smoothed (window {arguments.window}) "
                  f"{result['smoothed']['macro_f1']:.4f}")
