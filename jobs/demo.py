@@ -1,14 +1,18 @@
 """The embedded default, end to end on a generated corpus: generate -> ingest (Ray Data) -> split
--> train.
+-> train -> infer -> pseudolabel -> temporal refine, then the ablation summary.
 
     python -m jobs.demo [--out demo_run] [--per-class 20] [--seed 0] [--corpus-size default|tiny]
                         [--train-recipe demo_abaw5_dtm|none] [--train-set key=value ...]
 
 Starts a local Ray in-process (or joins RAY_ADDRESS under `ray job submit`), writes the demo corpus
 in the four real on-disk formats under `<out>/corpus`, ingests each through the real readers into
-`<out>/shards`, splits into `<out>/split`, prints the manifests' summary, then trains the chosen
-demo recipe on the split (`<out>/runs/<recipe>`). Re-running reuses an identical existing corpus,
-rewrites the data outputs in place and resumes (here: finds finished) the training run.
+`<out>/shards`, splits into `<out>/split`, prints the manifests' summary, trains the chosen demo
+recipe on the split (`<out>/runs/<recipe>`), runs batch inference with smoothing on the Aff-Wild2
+validation videos (`<out>/inference`, with an ABAW submission file), exports pseudo labels for the
+unlabeled pool (`<out>/pseudolabels`), trains the temporal encoder on the frozen model's features
+(`<out>/runs/demo_temporal`) and prints the ablation: frame model / + temporal / + smoothing.
+Re-running reuses an identical existing corpus, rewrites the data outputs in place and resumes
+(here: finds finished) the training runs; inference and export skip files already done.
 """
 
 from __future__ import annotations
@@ -49,6 +53,36 @@ def prepare_corpus(folder: str, corpus_config: DemoCorpusConfig) -> None:
     print(f"[demo] wrote corpus {corpus.counts} in {time.perf_counter() - started:.1f} s")
 
 
+def downstream(out: str, run: str, shard_folder: str, split_folder: str, run_storage: str,
+               temporal_set: list[str]) -> str:
+    """infer -> pseudolabel -> temporal refine on the trained run; returns the outputs' line part."""
+    from jobs import infer, pseudolabel, train_temporal
+
+    affwild2 = storage.join(shard_folder, schema.AFFWILD2)
+    annotations = storage.join(out, "corpus", schema.AFFWILD2, "EXPR_Classification_Challenge",
+                               "Validation_Set")
+    inference = storage.join(out, "inference")
+    print("\n== infer (Aff-Wild2 validation, window 30) ==")
+    if infer.main(["--checkpoint", run, "--shards", affwild2, "--subset", schema.VALIDATION,
+                   "--out", inference, "--window", "30", "--submission", annotations]) != 0:
+        raise RuntimeError("jobs.infer failed")
+    pseudo = storage.join(out, "pseudolabels")
+    print("\n== pseudolabel (the unlabeled pool) ==")
+    from pipeline.inference import load_frame_model
+
+    # Methods without class thresholds (supervised, noise-aware) export at a fixed confidence.
+    fixed = [] if load_frame_model(run).thresholds() is not None else ["--confidence", "0.95"]
+    if pseudolabel.main(["--checkpoint", run, "--split", split_folder, "--out", pseudo, *fixed]) != 0:
+        raise RuntimeError("jobs.pseudolabel failed")
+    print("\n== temporal refine (frozen frame model -> Transformer over 64-frame clips) ==")
+    recipe = os.path.join(RECIPES, "demo_temporal.yaml")
+    settings = [f"frame_checkpoint={run}", f"shards={affwild2}", f"run.storage={run_storage}", *temporal_set]
+    if train_temporal.main(["--config", recipe, *[item for setting in settings for item in ("--set", setting)]]) != 0:
+        raise RuntimeError("jobs.train_temporal failed")
+    return (f", {inference} (per-video predictions, submission.txt), {pseudo} (pseudo labels), "
+            f"{storage.join(run_storage, 'demo_temporal')} (temporal run)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_run")
@@ -60,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="a recipe in jobs/recipes to train on the split, or 'none'")
     parser.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override for the training recipe (as jobs.train --set)")
+    parser.add_argument("--skip-downstream", action="store_true",
+                        help="stop after training (no inference, pseudo labels or temporal refine)")
+    parser.add_argument("--temporal-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override for the temporal recipe (as jobs.train_temporal --set)")
     arguments = parser.parse_args(argv)
 
     corpus_folder = storage.join(arguments.out, "corpus")
@@ -96,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         smoothed = ", ".join(f"window {window}: {value['macro_f1']:.3f}"
                              for window, value in (validation.get("smoothed") or {}).items())
         print(f"validation macro-F1 {validation.get('macro_f1', float('nan')):.3f} raw; smoothed {smoothed}")
-        outputs += f", {storage.join(run_storage, config.run.name)} (run)"
+        run = storage.join(run_storage, config.run.name)
+        outputs += f", {run} (run)"
+        if not arguments.skip_downstream:
+            outputs += downstream(arguments.out, run, shard_folder, split_folder, run_storage,
+                                  arguments.temporal_set)
     print(f"\noutputs: {outputs}")
     return 0
 

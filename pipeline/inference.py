@@ -17,7 +17,7 @@ import torch
 from pipeline import schema, storage
 from pipeline.methods.base import Method, MethodContext
 from pipeline.training import checkpoint
-from pipeline.training.config import TrainConfig, load_config
+from pipeline.training.config import TrainConfig, load_config, without_retired_keys
 from pipeline.training.inputs import evaluation_tensor
 
 PROBABILITY_COLUMNS = [f"probability_{name.lower()}" for name in schema.CLASS_NAMES]
@@ -84,7 +84,7 @@ def load_frame_model(uri: str, device: str | torch.device = "cpu") -> FrameModel
     state = checkpoint.load(path, map_location="cpu")
     if "config" not in state or "method" not in state:
         raise ValueError(f"{path}: not a training checkpoint of this pipeline (no config/method)")
-    config = load_config(base=json.loads(state["config"]))
+    config = load_config(base=without_retired_keys(json.loads(state["config"])))
     # The weights come from the checkpoint: never fetch or read the initial weights again.
     model_config = dataclasses.replace(config.model, pretrained=False, pretrained_path=None)
     config = dataclasses.replace(config, model=model_config)

@@ -360,3 +360,23 @@ def test_row_filter_selects_pool_and_subsets():
     assert RowFilter(excluded_ids=pa.array(["a"]))(table)[schema.SAMPLE_ID].to_pylist() == ["c"]
     assert RowFilter()(table).num_rows == 3 and not RowFilter().active
 
+
+
+def test_checkpoints_with_retired_config_keys_still_load_but_recipes_refuse_them(trained, tmp_path):
+    from pipeline.config import ConfigError
+
+    state = checkpoint.load(resolve_checkpoint(trained["run"]))
+    config = json.loads(state["config"])
+    config["data"]["decode_threads"] = 2  # what checkpoints written before 2026-11-23 carry
+    state["config"] = json.dumps(config)
+    old = tmp_path / "old.pt"
+    torch_save(state, old)
+    assert load_frame_model(str(old)).epoch == 2
+    with pytest.raises(ConfigError, match="decode_threads"):
+        load_config(base=config)
+
+
+def torch_save(state: dict, path) -> None:
+    import torch
+
+    torch.save(state, path)

@@ -81,9 +81,19 @@ def test_demo_runs_end_to_end_and_reuses_its_corpus(tmp_path, capsys, local_ray)
     small_training = ["--train-set", "model.backbone=test_resnet", "--train-set", "data.image_size=32",
                       "--train-set", "run.epochs=1", "--train-set", "run.steps_per_epoch=2",
                       "--train-set", "data.labeled_batch=8"]
+    small_temporal = [item for setting in ("temporal.model_dim=16", "temporal.heads=2", "temporal.steps=3",
+                                           "temporal.epochs=1", "temporal.feedforward_dim=16")
+                      for item in ("--temporal-set", setting)]
     assert demo_job.main(["--out", str(out), "--corpus-size", "tiny", "--per-class", "3",
-                          *small_training]) == 0
+                          *small_training, *small_temporal]) == 0
     printed = capsys.readouterr()
+    # Downstream of training: inference with smoothing and a submission, the pseudo-label export,
+    # the temporal refine and its ablation rows.
+    assert "[infer]" in printed.out and (out / "inference" / "_manifest.json").exists()
+    assert (out / "inference" / "submission.txt").read_text().startswith("image_location,Neutral,")
+    assert (out / "pseudolabels" / "_manifest.json").exists()
+    assert "== ablation" in printed.out and "temporal+smoothing" in printed.out
+    assert (out / "runs" / "demo_temporal" / "metrics.json").exists()
     assert "== split ==" in printed.out and "ms1mv2:" in printed.out
     assert "[ingest affwild2]" in printed.err  # progress output
     assert "== train demo_abaw5_dtm (dtm) ==" in printed.out and "validation macro-F1" in printed.out

@@ -66,6 +66,18 @@ def corpus(s3_server, tmp_path_factory):
     return str(local), f"{s3_server}/corpus"
 
 
+def ingest_and_split(corpus, s3_server: str, name: str) -> tuple[str, str]:
+    """Every source of the S3 corpus ingested to `<bucket>/<name>-shards` and split (3 per class)
+    into `<bucket>/<name>-split`; returns both URIs."""
+    _, remote_root = corpus
+    shards_root = f"{s3_server}/{name}-shards"
+    for source in schema.SOURCES:
+        ingest.ingest(make_reader(source, f"{remote_root}/{source}"), shards_root, progress=False)
+    split_dir = f"{s3_server}/{name}-split"
+    make_split(shards_root, split_dir, per_class=3, seed=0)
+    return shards_root, split_dir
+
+
 def file_bytes(folder: str) -> dict[str, bytes]:
     manifest = shards.Manifest.load(folder)
     return {entry.path: storage.read_bytes(storage.join(folder, entry.path)) for entry in manifest.files}
@@ -135,12 +147,7 @@ def test_training_reads_an_s3_split_and_checkpoints_to_s3(corpus, s3_server):
     from pipeline.training.config import load_config
     from pipeline.training.loop import Trainer
 
-    _, remote_root = corpus
-    shards_root = f"{s3_server}/train-shards"
-    for source in schema.SOURCES:
-        ingest.ingest(make_reader(source, f"{remote_root}/{source}"), shards_root, progress=False)
-    split_dir = f"{s3_server}/train-split"
-    make_split(shards_root, split_dir, per_class=3, seed=0)
+    shards_root, split_dir = ingest_and_split(corpus, s3_server, "train")
     settings = {
         "method": "dtm", "method_options": {"ema_decay": 0.9},
         "model": {"backbone": "test_resnet", "channels_last": False},
@@ -172,12 +179,7 @@ def test_distributed_training_checkpoints_to_s3_and_resumes(corpus, s3_server):
     from pipeline.training.config import load_config
     from pipeline.training.loop import FINAL_METRICS, METRICS_LINES, worker_metrics_uri
 
-    _, remote_root = corpus
-    shards_root = f"{s3_server}/dist-shards"
-    for source in schema.SOURCES:
-        ingest.ingest(make_reader(source, f"{remote_root}/{source}"), shards_root, progress=False)
-    split_dir = f"{s3_server}/dist-split"
-    make_split(shards_root, split_dir, per_class=3, seed=0)
+    shards_root, split_dir = ingest_and_split(corpus, s3_server, "dist")
     steps, workers = 2, 2
     settings = {
         "method": "dtm", "method_options": {"ema_decay": 0.5},
@@ -239,3 +241,47 @@ def test_distributed_training_checkpoints_to_s3_and_resumes(corpus, s3_server):
     assert state["method"]["threshold"]["updates"] == 2  # the threshold state continued
     final = storage.read_json(f"{run}/{FINAL_METRICS}")
     assert (final["epochs"], final["steps"]) == (2, 2 * steps)
+
+
+@pytest.mark.ray
+def test_inference_and_pseudo_labels_read_and_write_s3(corpus, s3_server):
+    """jobs.infer and jobs.pseudolabel with the checkpoint, the shards and the outputs on S3; a
+    re-run of the export skips every file already in the bucket."""
+    import ray
+
+    from jobs import infer, pseudolabel
+    from pipeline.raydata import ensure_ray
+    from pipeline.split import load_unlabeled_pool
+    from pipeline.training.config import load_config
+    from pipeline.training.loop import Trainer
+
+    shards_root, split_dir = ingest_and_split(corpus, s3_server, "infer")
+    Trainer(load_config(base={
+        "method": "dtm", "model": {"backbone": "test_resnet", "channels_last": False},
+        "data": {"split": split_dir, "image_size": 32, "labeled_batch": 8, "shuffle_buffer": 32},
+        "evaluation": {"windows": [5]},
+        "run": {"name": "frame", "storage": f"{s3_server}/infer-runs", "epochs": 1, "steps_per_epoch": 2}})).fit()
+    run = f"{s3_server}/infer-runs/frame"
+    if ray.is_initialized():  # its workers may lack AWS_ENDPOINT_URL
+        ray.shutdown()
+    ensure_ray(num_cpus=2)
+    try:
+        out = f"{s3_server}/inference"
+        assert infer.main(["--checkpoint", run, "--shards", f"{shards_root}/{schema.AFFWILD2}",
+                           "--out", out, "--window", "5"]) == 0
+        manifest = storage.read_json(f"{out}/_manifest.json")
+        assert manifest["frames"] == shards.Manifest.load(f"{shards_root}/{schema.AFFWILD2}").rows
+        assert manifest["scores"]["raw"]["macro_f1"] >= 0.0
+        assert all(storage.exists(f"{out}/{path}") for path in manifest["files"])
+
+        exported = f"{s3_server}/pseudolabels"
+        arguments = ["--checkpoint", run, "--split", split_dir, "--out", exported, "--confidence", "0.2"]
+        assert pseudolabel.main(arguments) == 0
+        first = storage.read_json(f"{exported}/_manifest.json")
+        assert first["rows"] == load_unlabeled_pool(split_dir).rows and first["predicted_files"] > 0
+        assert pseudolabel.main(arguments) == 0
+        second = storage.read_json(f"{exported}/_manifest.json")
+        assert second["predicted_files"] == 0 and second["skipped_done_files"] == first["predicted_files"]
+        assert second["accepted_per_class"] == first["accepted_per_class"]
+    finally:
+        ray.shutdown()

@@ -142,3 +142,38 @@ def test_distributed_training_runs_under_ray_job_submit(ray_head, tiny_split, tm
     assert summary, logs
     assert summary[-1]["epochs"] == 1 and summary[-1]["run"] == RUN_NAME
     assert os.path.basename(summary[-1]["checkpoint"]) == folders[0].name
+
+
+def test_inference_and_pseudo_label_export_run_under_ray_job_submit(ray_head, tiny_split, tmp_path):
+    """One submitted job runs jobs.pseudolabel then jobs.infer (actor pools on the head) on a run
+    trained here; both outputs are complete (their manifests) and cover every row."""
+    from pipeline import shards, split
+    from pipeline.training.config import load_config
+    from pipeline.training.loop import Trainer
+
+    Trainer(load_config(base={
+        "method": "dtm", "model": {"backbone": "test_resnet", "channels_last": False},
+        "data": {"split": tiny_split, "image_size": 32, "labeled_batch": 8},
+        "evaluation": {"windows": [5]},
+        "run": {"name": "frame", "storage": str(tmp_path / "runs"), "epochs": 1, "steps_per_epoch": 2}})).fit()
+    run = tmp_path / "runs" / "frame"
+    shards_folder = str(Path(tiny_split).parent / "shards" / schema.AFFWILD2)
+    submission_id = f"infer-test-{secrets.token_hex(4)}"
+    environment = ray_head.client_env()
+    environment.pop("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", None)
+    entrypoint = (f"python -m jobs.pseudolabel --checkpoint {run} --split {tiny_split} "
+                  f"--out {tmp_path / 'pseudo'} --confidence 0.2 && "
+                  f"python -m jobs.infer --checkpoint {run} --shards {shards_folder} "
+                  f"--out {tmp_path / 'infer'} --window 5")
+    submitted = run_cli([ray_head.ray, "job", "submit", "--address", ray_head.dashboard_url, "--no-wait",
+                         "--submission-id", submission_id, "--working-dir", str(REPO_ROOT), "--",
+                         entrypoint], env=environment, timeout=120)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job = wait_for_job(ray_head, submission_id, JOB_TIMEOUT_SECONDS)
+    logs = ray_head.job_logs(submission_id)
+    assert job["status"] == "SUCCEEDED", f"{job}\n--- logs ---\n{logs}"
+    exported = json.loads((tmp_path / "pseudo" / "_manifest.json").read_text())
+    assert exported["rows"] == split.load_unlabeled_pool(tiny_split).rows
+    inferred = json.loads((tmp_path / "infer" / "_manifest.json").read_text())
+    assert inferred["frames"] == shards.Manifest.load(shards_folder).rows
+    assert "[pseudolabel]" in logs and "[infer]" in logs

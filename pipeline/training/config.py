@@ -182,5 +182,20 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
     return config
 
 
+RETIRED_KEYS: tuple[tuple[str, str], ...] = (
+    ("data", "decode_threads"),  # never read by the loop; removed 2026-11-23
+)
+"""Keys older checkpoints carry in their saved config that no longer exist. Only checkpoint
+configs drop them (`without_retired_keys`); a recipe that sets one still fails loudly."""
+
+
+def without_retired_keys(mapping: dict[str, Any]) -> dict[str, Any]:
+    result = copy.deepcopy(mapping)
+    for section, key in RETIRED_KEYS:
+        if isinstance(result.get(section), dict):
+            result[section].pop(key, None)
+    return result
+
+
 def to_mapping(config: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)

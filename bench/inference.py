@@ -1,0 +1,163 @@
+"""Batch inference throughput on this machine, side by side on the same frames and model:
+
+- job:  `pipeline.batch_inference.run_predictions` (what `jobs.infer` / `jobs.pseudolabel` run:
+        Ray Data read + filter, an actor pool running `predict_rows`, the driver writing one
+        output file per input file);
+- bare: one process, the same files read with pyarrow and `predict_rows` called in a loop with all
+        the cores as torch threads (no Ray, no output written).
+
+Reported: images/s end to end and at steady state (after the first output file), time to the
+first output file, and the per-video smoothing of all predictions as a fraction of the job's time.
+
+    .venv/bin/python bench/inference.py [--files 3] [--actors 2] [--threads 1] [--repeats 2]
+
+Frames: bench_out/stream_pool (made by bench/streaming.py: the demo pool's 112 px JPEGs, replicated);
+model: resnet18 at 112 px (the ABAW5 input size), trained for one step on the demo split so that a
+real checkpoint is loaded (weights do not change the cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline import smoothing  # noqa: E402
+from pipeline.batch_inference import InferenceConfig, run_predictions  # noqa: E402
+from pipeline.inference import PREDICTED, load_frame_model, predict_rows  # noqa: E402
+from pipeline.prediction_files import InputFile, RowFilter  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_checkpoint(split: str, folder: str, backbone: str, size: int) -> str:
+    run = os.path.join(folder, f"infer-{backbone}-{size}")
+    if not os.path.exists(os.path.join(run, "metrics.json")):
+        subprocess.run([sys.executable, "-m", "jobs.train", "--config", "jobs/recipes/demo_seed002_supervised.yaml",
+                        "--set", f"data.split={split}", "--set", f"run.storage={folder}",
+                        "--set", f"run.name=infer-{backbone}-{size}", "--set", f"model.backbone={backbone}",
+                        "--set", f"data.image_size={size}", "--set", "run.epochs=1",
+                        "--set", "run.steps_per_epoch=1", "--set", "evaluation.every_epochs=1"],
+                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return run
+
+
+def bare(files: list[str], checkpoint: str, batch: int, threads: int) -> tuple[float, int]:
+    torch.set_num_threads(threads)
+    model = load_frame_model(checkpoint)
+    started = time.perf_counter()
+    rows = 0
+    for path in files:
+        for record_batch in pq.ParquetFile(path).iter_batches(batch_size=batch):
+            output = predict_rows(model, pa.Table.from_batches([record_batch]))
+            rows += output.num_rows
+    return time.perf_counter() - started, rows
+
+
+def job(files: list[str], checkpoint: str, settings: InferenceConfig, out: str) -> dict[str, float]:
+    shutil.rmtree(out, ignore_errors=True)
+    inputs = [InputFile(path, os.path.basename(path), pq.ParquetFile(path).metadata.num_rows) for path in files]
+    from pipeline import prediction_files
+
+    first: list[float] = []
+    original = prediction_files.FileCollector._write
+
+    def timed_write(self, item):
+        original(self, item)
+        first.append(time.perf_counter())
+
+    prediction_files.FileCollector._write = timed_write
+    try:
+        started = time.perf_counter()
+        run_predictions(inputs, RowFilter(), checkpoint, out, settings, {"bench": True}, progress=False)
+        finished = time.perf_counter()
+    finally:
+        prediction_files.FileCollector._write = original
+    rows = sum(item.rows for item in inputs)
+    after_first = rows - inputs[0].rows  # approximately: files are equal-sized
+    return {"seconds": finished - started, "rows": rows, "images_per_second": rows / (finished - started),
+            "first_output_s": first[0] - started,
+            "steady_images_per_second": after_first / max(finished - first[0], 1e-9)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--split", default="demo_run/split")
+    parser.add_argument("--pool", default="bench_out/stream_pool")
+    parser.add_argument("--files", type=int, default=3)
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--actors", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per actor")
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", default="bench_out/inference.json")
+    arguments = parser.parse_args()
+    files = sorted(os.path.join(arguments.pool, name) for name in os.listdir(arguments.pool)
+                   if name.endswith(".parquet"))[:arguments.files]
+    if not files:
+        raise SystemExit(f"{arguments.pool}: no Parquet files; run bench/streaming.py first")
+    checkpoint = make_checkpoint(arguments.split, os.path.abspath("bench_out/runs"), arguments.backbone,
+                                 arguments.image_size)
+    from pipeline.raydata import ensure_ray
+
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    ensure_ray(num_cpus=arguments.cpus)
+    settings = InferenceConfig(batch_size=arguments.batch, actors=arguments.actors, threads=arguments.threads,
+                               cpus_per_actor=arguments.cpus / arguments.actors)
+    results: dict[str, list] = {"bare": [], "job": []}
+    for repeat in range(arguments.repeats):
+        seconds, rows = bare(files, checkpoint, arguments.batch, arguments.cpus)
+        results["bare"].append(rows / seconds)
+        print(f"[{repeat}] bare  {rows / seconds:7.1f} img/s ({rows} images, {seconds:.1f} s)", flush=True)
+        torch.set_num_threads(1)
+        measured = job(files, checkpoint, settings, "bench_out/inference_out")
+        results["job"].append(measured)
+        print(f"[{repeat}] job   {measured['images_per_second']:7.1f} img/s end to end, "
+              f"{measured['steady_images_per_second']:7.1f} steady, first output "
+              f"{measured['first_output_s']:.1f} s", flush=True)
+
+    # Smoothing: every prediction as one table of videos (600-frame videos), timed alone.
+    from pipeline.prediction_files import read_table
+
+    table = pa.concat_tables([read_table(os.path.join("bench_out/inference_out", os.path.basename(path)))
+                              for path in files])
+    count = table.num_rows
+    videos = np.array([f"video{index // 600}" for index in range(count)], dtype=object)
+    frames = np.arange(count) % 600 + 1
+    predicted = table[PREDICTED].to_numpy()
+    started = time.perf_counter()
+    for _ in range(5):
+        smoothing.smooth_by_video(videos, frames, predicted, 30, smoothing.CENTRED)
+    smoothing_seconds = (time.perf_counter() - started) / 5
+    best_job = max(results["job"], key=lambda item: item["steady_images_per_second"])
+    summary = {
+        "bare_images_per_second": max(results["bare"]),
+        "job": best_job,
+        "ratio_steady_job_over_bare": best_job["steady_images_per_second"] / max(results["bare"]),
+        "ratio_end_to_end_job_over_bare": best_job["images_per_second"] / max(results["bare"]),
+        "smoothing_seconds": smoothing_seconds,
+        "smoothing_fraction_of_job": smoothing_seconds / best_job["seconds"],
+        "frames": count, "schema_frames_per_video": 600, "all": results, "settings": vars(arguments),
+    }
+    os.makedirs(os.path.dirname(arguments.out), exist_ok=True)
+    with open(arguments.out, "w") as handle:
+        json.dump(summary, handle, indent=1)
+    print(json.dumps({key: value for key, value in summary.items() if key not in ("all",)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
