@@ -14,7 +14,7 @@ and steady-state images/s over the rows after the first `--warmup` fraction of t
     .venv/bin/python bench/streaming.py [--split demo_run/split] [--rows 40000] [--cpus 2]
 
 The pool is the demo split's unlabeled pool replicated to `--rows` rows (unique ids) in `--files`
-files under bench_out/stream_pool (made once, reused).
+files under bench_out/stream_pool-<rows>-<files> (made once, reused).
 """
 
 from __future__ import annotations
@@ -138,7 +138,8 @@ def main() -> int:
     arguments = parser.parse_args()
     torch.set_num_threads(1)
 
-    paths = make_pool(arguments.split, arguments.rows, arguments.files, "bench_out/stream_pool")
+    paths = make_pool(arguments.split, arguments.rows, arguments.files,
+                      f"bench_out/stream_pool-{arguments.rows}-{arguments.files}")
     data = DataConfig(image_size=arguments.image_size, decode_batch=arguments.read_rows)
     views = PoolViews(data, pa.array([], pa.string()), seed=0)
 

@@ -29,8 +29,9 @@ RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 def run(frame_run: str, shards: str, storage: str, name: str, seed: int, extra: list[str]) -> dict:
+    features = os.path.join(storage, "features", os.path.basename(frame_run.rstrip("/")))
     settings = [f"frame_checkpoint={frame_run}", f"shards={shards}", f"run.storage={storage}",
-                f"run.name={name}", f"temporal.seed={seed}", *extra]
+                f"run.name={name}", f"temporal.seed={seed}", f"features={features}", *extra]
     argv = ["--config", RECIPE, *[item for setting in settings for item in ("--set", setting)]]
     print("python -m jobs.train_temporal " + " ".join(argv), flush=True)
     if train_temporal.main(argv) != 0:
@@ -46,17 +47,23 @@ def main() -> int:
     parser.add_argument("--storage", default="bench_out/temporal")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--out", default="bench_out/temporal.json")
+    parser.add_argument("--tag", default="", help="suffix of the run names (one per setting compared)")
+    parser.add_argument("--no-control", action="store_true", help="skip the clip-length-1 control runs")
     arguments = parser.parse_args()
     storage = os.path.abspath(arguments.storage)
-    rows: dict[str, list[dict]] = {"clip 64": [], "clip 1 (no context)": []}
+    rows: dict[str, list[dict]] = {"temporal": [], "clip 1 (no context)": []}
     for seed, frame_run in enumerate(arguments.frame_runs):
         base = os.path.basename(frame_run.rstrip("/"))
-        rows["clip 64"].append(run(frame_run, arguments.shards, storage, f"temporal-{base}", seed,
+        rows["temporal"].append(run(frame_run, arguments.shards, storage, f"temporal{arguments.tag}-{base}", seed,
                                    arguments.overrides))
-        rows["clip 1 (no context)"].append(run(frame_run, arguments.shards, storage, f"frame-only-{base}", seed,
+        if arguments.no_control:
+            continue
+        rows["clip 1 (no context)"].append(run(frame_run, arguments.shards, storage, f"frame-only{arguments.tag}-{base}", seed,
                                                [*arguments.overrides, "temporal.clip_length=1"]))
     table = {}
     for setting, results in rows.items():
+        if not results:
+            continue
         for name in results[0]:
             values = np.array([result[name] for result in results])
             table[f"{setting}: {name}"] = {"mean": float(values.mean()), "std": float(values.std(ddof=1))

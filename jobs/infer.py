@@ -4,7 +4,8 @@ smoothed when the frames are labeled, and optionally the ABAW submission file.
 
     python -m jobs.infer --checkpoint demo_run/runs/demo_abaw5_dtm --shards demo_run/shards/affwild2 \
         --subset validation --out demo_run/inference [--window 30 --mode centred] \
-        [--submission <frame list> [--submission-out <file>]] [--actors 2]
+        [--submission <frame list> [--submission-out <file>]] [--actors 2 --cpus-per-actor 0.5] \
+        [--temporal demo_run/runs/demo_temporal]
     ray job submit --address http://<head>:8265 --working-dir . -- python -m jobs.infer \
         --checkpoint s3://bucket/runs/abaw6 --shards s3://bucket/shards/affwild2 --out s3://bucket/infer \
         --actors 8 --gpus-per-actor 0.5
@@ -24,11 +25,10 @@ import sys
 import time
 
 from pipeline import schema, smoothing, storage, submission
-from pipeline.batch_inference import run_predictions
+from pipeline.batch_inference import connect, run_predictions
 from pipeline.config import ConfigError
 from pipeline.inference import load_frame_model
 from pipeline.prediction_files import RowFilter, input_files_from_folders, read_table
-from pipeline.raydata import ensure_ray
 from pipeline.temporal_training import load_temporal_model
 from pipeline.video_predictions import add_smoothed, apply_temporal, in_frame_order, scores, write_videos
 from jobs.pseudolabel import add_inference_arguments, inference_config
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         if arguments.submission:
             wanted = (submission.frame_list_from_annotations(arguments.submission)
                       if storage.is_dir(arguments.submission) else submission.read_frame_list(arguments.submission))
+        connect(settings)
     except (ConfigError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -76,7 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     frames_out = storage.join(arguments.out, FRAMES_FOLDER)
     storage.remove(storage.join(arguments.out, MANIFEST))  # "complete" is only ever said last
     identity = {"checkpoint": model.checkpoint, "run_id": model.run_id, "features": temporal is not None}
-    ensure_ray()
     counts = run_predictions(inputs, row_filter, model.checkpoint, frames_out, settings, identity,
                              with_features=temporal is not None)
     first_output = time.perf_counter() - started

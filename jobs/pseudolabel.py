@@ -22,13 +22,12 @@ import sys
 import time
 
 from pipeline import storage
-from pipeline.batch_inference import InferenceConfig, run_predictions
+from pipeline.batch_inference import InferenceConfig, connect, run_predictions
 from pipeline.config import ConfigError
 from pipeline.inference import load_frame_model
 from pipeline.prediction_files import (RowFilter, input_files_from_folders, input_files_from_pool,
                                        read_table)
 from pipeline.pseudolabels import MANIFEST, class_thresholds, mark_accepted, summarise
-from pipeline.raydata import ensure_ray
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = inference_config(arguments)
         model = load_frame_model(arguments.checkpoint, "cpu")
         thresholds, threshold_source = class_thresholds(model.thresholds(), arguments.confidence)
+        connect(settings)
     except (ConfigError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -79,7 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     storage.remove(storage.join(arguments.out, MANIFEST))
     identity = {"checkpoint": model.checkpoint, "run_id": model.run_id,
                 "thresholds": [round(float(value), 9) for value in thresholds]}
-    ensure_ray()
     counts = run_predictions(
         inputs, row_filter, model.checkpoint, arguments.out, settings, identity,
         finish=lambda table: mark_accepted(table, thresholds, model.run_id))

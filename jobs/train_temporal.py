@@ -22,12 +22,11 @@ import json
 import sys
 
 from pipeline import schema, storage
-from pipeline.batch_inference import run_predictions
+from pipeline.batch_inference import connect, run_predictions
 from pipeline.config import ConfigError
 from pipeline.inference import load_frame_model
 from pipeline.prediction_files import RowFilter, input_files_from_folders
-from pipeline.raydata import ensure_ray
-from pipeline.temporal_training import (FEATURES_FOLDER, METRICS, fit, load_temporal_config, read_features,
+from pipeline.temporal_training import (METRICS, fit, load_temporal_config, read_features,
                                         to_mapping)
 
 
@@ -43,14 +42,14 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(to_mapping(config), indent=1))
             return 0
         frame_model = load_frame_model(config.frame_checkpoint, "cpu")
+        connect(config.inference, dashboard=config.scaling.num_workers > 0)
     except (ConfigError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     row_filter = RowFilter(sources=[schema.AFFWILD2], splits=[schema.TRAIN, schema.VALIDATION])
     inputs = input_files_from_folders([config.shards], row_filter)
-    features_out = storage.join(config.folder, FEATURES_FOLDER)
+    features_out = storage.absolute(config.features_folder)
     identity = {"checkpoint": frame_model.checkpoint, "run_id": frame_model.run_id, "features": True}
-    ensure_ray(dashboard=config.scaling.num_workers > 0)
     run_predictions(inputs, row_filter, frame_model.checkpoint, features_out, config.inference, identity,
                     with_features=True)
     uris = [storage.join(features_out, item.relative) for item in inputs if item.rows > 0]
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline import distributed
 
         distributed.build_temporal_trainer(config, uris, frame_model.run_id).fit()
-        final = storage.read_json(storage.join(distributed._absolute(config.folder), METRICS))
+        final = storage.read_json(storage.join(storage.absolute(config.folder), METRICS))
     else:
         train, validation = read_features(uris, schema.TRAIN), read_features(uris, schema.VALIDATION)
         final = fit(config, train, validation, frame_model.run_id)

@@ -13,6 +13,7 @@ import ray.data
 from ray.data import ActorPoolStrategy
 
 from pipeline import config as typed
+from pipeline.config import ConfigError
 from pipeline import schema, storage
 from pipeline.inference import FrameModel, load_frame_model, predict_rows
 from pipeline.prediction_files import (PATH_COLUMN, FileCollector, InputFile, RowFilter, is_done)
@@ -59,12 +60,36 @@ class Predictor:
         return predict_rows(self.model, table, self.with_features).append_column(PATH_COLUMN, table[PATH_COLUMN])
 
 
+def check_pool_fits(settings: InferenceConfig, cluster_cpus: float) -> None:
+    """Refuse an actor pool that would hold every CPU of the cluster: the read and filter tasks
+    feeding it would never get one, and the job would wait forever (RAY-2.60.md)."""
+    reserved = settings.actors * settings.cpus_per_actor
+    if reserved >= cluster_cpus:
+        raise ConfigError(
+            f"inference: {settings.actors} actors x {settings.cpus_per_actor} CPUs = {reserved:g} "
+            f"CPUs, but the cluster has {cluster_cpus:g}; leave at least one CPU for the read tasks "
+            "(fewer actors, or --cpus-per-actor below 1 with --threads to match)")
+
+
+def connect(settings: InferenceConfig, dashboard: bool = False) -> None:
+    """Join (or start) Ray and check the actor pool fits it: jobs call this before changing any
+    output, so a pool that cannot run fails with a message instead of waiting forever."""
+    from pipeline.raydata import ensure_ray
+
+    ensure_ray(dashboard=dashboard)
+    check_pool_fits(settings, float(ray.cluster_resources().get("CPU", 0)))
+
+
 def prediction_dataset(inputs: list[InputFile], row_filter: RowFilter, checkpoint: str,
                        settings: InferenceConfig, with_features: bool = False) -> ray.data.Dataset:
     """The lazily executed stream of `predict_rows` tables (plus the input `path`) for `inputs`."""
+    check_pool_fits(settings, float(ray.cluster_resources().get("CPU", 0)))  # callers may skip connect()
     filesystem, _ = storage.filesystem(inputs[0].uri)
     dataset = ray.data.read_parquet([item.path for item in inputs], filesystem=filesystem,
                                     include_paths=True)
+    # Parquet reads pack small files into one block, and one block feeds one actor: cut the
+    # stream into blocks of a few batches (streaming, no shuffle) so every actor gets work.
+    dataset = dataset.repartition(target_num_rows_per_block=settings.batch_size * 4)
     available = set(READ_COLUMNS)  # missing optional columns (video/frame on crops) stay absent
     dataset = dataset.map_batches(_FilterColumns(row_filter, available), batch_format="pyarrow",
                                   batch_size=None)

@@ -197,12 +197,7 @@ def flat_metrics(record: dict[str, Any]) -> dict[str, float | int]:
 def run_folder(config: TrainConfig) -> str:
     """`<run.storage>/<run.name>`: Ray's experiment folder (its checkpoint_* folders) and ours
     (metrics.jsonl, metrics.json, workers/rank-NNNN.jsonl)."""
-    return storage.join(_absolute(config.run.storage), config.run.name)
-
-
-def _absolute(uri: str) -> str:
-    """Local paths made absolute on the driver: Ray workers (and `ray job submit`) run elsewhere."""
-    return uri if storage.is_remote(uri) else os.path.abspath(os.path.expanduser(uri))
+    return storage.join(storage.absolute(config.run.storage), config.run.name)
 
 
 def build_trainer(config: TrainConfig, kill_worker: WorkerKill | None = None) -> TorchTrainer:
@@ -222,10 +217,10 @@ def build_trainer(config: TrainConfig, kill_worker: WorkerKill | None = None) ->
     config = dataclasses.replace(
         config,
         data=dataclasses.replace(
-            config.data, split=_absolute(config.data.split),
-            labeled_pseudo_labels=(_absolute(config.data.labeled_pseudo_labels)
+            config.data, split=storage.absolute(config.data.split),
+            labeled_pseudo_labels=(storage.absolute(config.data.labeled_pseudo_labels)
                                    if config.data.labeled_pseudo_labels else None)),
-        run=dataclasses.replace(config.run, storage=_absolute(config.run.storage)))
+        run=dataclasses.replace(config.run, storage=storage.absolute(config.run.storage)))
     keep = config.run.checkpoints_to_keep
     datasets = {}
     if streaming.uses_ray_data(config):
@@ -289,7 +284,7 @@ def build_temporal_trainer(config: Any, feature_uris: list[str], frame_run_id: s
     scaling = config.scaling
     if scaling.num_workers < 1:
         raise ConfigError("scaling.num_workers: must be at least 1 for Ray Train")
-    config = dataclasses.replace(config, run=dataclasses.replace(config.run, storage=_absolute(config.run.storage)))
+    config = dataclasses.replace(config, run=dataclasses.replace(config.run, storage=storage.absolute(config.run.storage)))
     return TorchTrainer(
         temporal_loop_per_worker,
         train_loop_config={"config": temporal_training.to_mapping(config), "feature_uris": feature_uris,

@@ -49,6 +49,11 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (Ray workers and `ray job submit` run elsewhere); URIs unchanged."""
+    return uri if is_remote(uri) else os.path.abspath(os.path.expanduser(uri))
+
+
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.exists(path)

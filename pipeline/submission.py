@@ -132,8 +132,8 @@ def fill_labels(predicted_videos: Any, predicted_frames: Any, predicted_labels: 
     videos = np.asarray(predicted_videos)
     frames = np.asarray(predicted_frames)
     labels = np.asarray(predicted_labels)
-    if not (videos.ndim == frames.ndim == labels.ndim == 1) or not (videos.size == frames.size
-                                                                    == labels.size):
+    one_dimensional = videos.ndim == frames.ndim == labels.ndim == 1
+    if not one_dimensional or not videos.size == frames.size == labels.size:
         raise ValueError(f"predicted videos {videos.shape}, frames {frames.shape} and labels "
                          f"{labels.shape} must be one-dimensional, one row per frame")
     if labels.size and not np.issubdtype(labels.dtype, np.integer):
@@ -184,9 +184,9 @@ def fill_labels(predicted_videos: Any, predicted_frames: Any, predicted_labels: 
     has_after = (after < size) & ((predicted_keys[after_clipped] >> _FRAME_BITS) == wanted_codes)
     has_before = (before >= 0) & ((predicted_keys[before_clipped] >> _FRAME_BITS) == wanted_codes)
     exact = has_after & (predicted_keys[after_clipped] == wanted_keys)
-    distance_after = np.where(has_after, predicted_keys[after_clipped] - wanted_keys, np.iinfo(np.int64).max)
-    distance_before = np.where(has_before, wanted_keys - predicted_keys[before_clipped],
-                               np.iinfo(np.int64).max)
+    far = np.iinfo(np.int64).max
+    distance_after = np.where(has_after, predicted_keys[after_clipped] - wanted_keys, far)
+    distance_before = np.where(has_before, wanted_keys - predicted_keys[before_clipped], far)
     take_before = has_before & (distance_before <= distance_after)  # `<=`: earlier frame on a tie
     take_after = has_after & ~take_before
     result[take_before] = labels[before_clipped[take_before]]

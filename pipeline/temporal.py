@@ -133,7 +133,8 @@ class TemporalEncoder(nn.Module):
         able to change the other positions' outputs (their features are zeroed, so even NaN is
         harmless); their own logits are meaningless."""
         if features.ndim != 3:
-            raise ValueError(f"features must have shape (clips, frames, features), got {tuple(features.shape)}")
+            raise ValueError("features must have shape (clips, frames, features), got "
+                             f"{tuple(features.shape)}")
         length = features.shape[1]
         if padding_mask is not None:
             if padding_mask.shape != features.shape[:2] or padding_mask.dtype != torch.bool:

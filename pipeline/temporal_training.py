@@ -70,6 +70,9 @@ class TemporalJobConfig:
     """The trained frame model (checkpoint file, run folder or Ray run): frozen, it gives features."""
     shards: str = ""
     """Aff-Wild2 shard folder: train videos to learn from, validation videos to evaluate on."""
+    features: str | None = None
+    """Where the extracted features go (default `<run>/features`). Runs over the same frame model
+    and shards can share one folder: files already extracted by that model are not redone."""
     temporal: TemporalConfig = field(default_factory=TemporalConfig)
     evaluation: TemporalEvaluationConfig = field(default_factory=TemporalEvaluationConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
@@ -84,6 +87,10 @@ class TemporalJobConfig:
     @property
     def folder(self) -> str:
         return storage.join(self.run.storage, self.run.name)
+
+    @property
+    def features_folder(self) -> str:
+        return self.features or storage.join(self.folder, FEATURES_FOLDER)
 
 
 def load_temporal_config(path: str | None = None, overrides: list[str] | None = None,

@@ -380,3 +380,12 @@ def torch_save(state: dict, path) -> None:
     import torch
 
     torch.save(state, path)
+
+
+def test_an_actor_pool_that_would_hold_every_cpu_is_refused():
+    from pipeline.batch_inference import InferenceConfig, check_pool_fits
+    from pipeline.config import ConfigError
+
+    check_pool_fits(InferenceConfig(actors=2, cpus_per_actor=0.5), cluster_cpus=2)
+    with pytest.raises(ConfigError, match="leave at least one CPU"):
+        check_pool_fits(InferenceConfig(actors=2, cpus_per_actor=1.0), cluster_cpus=2)

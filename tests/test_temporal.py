@@ -111,7 +111,8 @@ def test_loss_ignores_minus_one_and_padding():
 
 def test_loss_without_any_labeled_frame_is_zero_with_zero_gradient():
     logits = torch.randn(1, 4, 8, requires_grad=True)
-    loss = masked_cross_entropy(logits, torch.tensor([[-1, -1, 2, 3]]), torch.tensor([[False, False, True, True]]))
+    padding = torch.tensor([[False, False, True, True]])
+    loss = masked_cross_entropy(logits, torch.tensor([[-1, -1, 2, 3]]), padding)
     loss.backward()
     assert loss.item() == 0.0
     assert logits.grad is not None and torch.equal(logits.grad, torch.zeros_like(logits))

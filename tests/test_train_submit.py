@@ -167,7 +167,7 @@ def test_inference_and_pseudo_label_export_run_under_ray_job_submit(ray_head, ti
                   f"--out {tmp_path / 'infer'} --window 5")
     submitted = run_cli([ray_head.ray, "job", "submit", "--address", ray_head.dashboard_url, "--no-wait",
                          "--submission-id", submission_id, "--working-dir", str(REPO_ROOT), "--",
-                         entrypoint], env=environment, timeout=120)
+                         "bash", "-c", entrypoint], env=environment, timeout=120)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     job = wait_for_job(ray_head, submission_id, JOB_TIMEOUT_SECONDS)
     logs = ray_head.job_logs(submission_id)
