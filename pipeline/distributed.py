@@ -13,7 +13,6 @@ per-epoch reports pair up.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import tempfile
@@ -259,10 +258,7 @@ def temporal_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if saved is not None:
         with saved.as_directory() as folder:
             restored = temporal_training.load_checkpoint(os.path.join(folder, temporal_training.CHECKPOINT))
-    history: list[dict[str, Any]] = list(json.loads(restored.get("history", "[]"))) if restored else []
-
-    def report(record: dict[str, Any], trainer: Any) -> None:
-        history.append(record)
+    def report(record: dict[str, Any], trainer: Any, history: list[dict[str, Any]]) -> None:
         metrics = {"epoch": record["epoch"], "step": record["step"], "loss": record["loss"],
                    **{f"macro_f1_{name.replace('+', '_')}": value for name, value in record["ablation"].items()}}
         with tempfile.TemporaryDirectory() as folder:

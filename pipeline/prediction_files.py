@@ -76,16 +76,11 @@ def input_files_from_folders(folders: list[str], row_filter: RowFilter) -> list[
 def input_files_from_pool(split_dir: str, extra: RowFilter | None = None) -> tuple[list[InputFile], RowFilter]:
     """The unlabeled pool of a split as input files (rows counted after the pool filter)."""
     pool = split.load_unlabeled_pool(split_dir)
-    payload = storage.read_json(storage.join(load_pool_folder(split_dir), split.POOL_NAME))
     row_filter = RowFilter(excluded_ids=pool.excluded_ids, sources=list(extra.sources) if extra else [],
                            splits=list(extra.splits) if extra else [])
-    inputs = [InputFile(uri, entry["path"], count_rows(uri, row_filter))
-              for uri, entry in zip(pool.file_uris, payload["files"])]
+    inputs = [InputFile(uri, relative, count_rows(uri, row_filter))
+              for uri, relative in zip(pool.file_uris, pool.relative_paths)]
     return inputs, row_filter
-
-
-def load_pool_folder(split_dir: str) -> str:
-    return split.load_split(split_dir).folder(split.UNLABELED)
 
 
 def count_rows(uri: str, row_filter: RowFilter) -> int:

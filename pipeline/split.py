@@ -180,6 +180,8 @@ class UnlabeledPool:
     file_uris: list[str]
     excluded_ids: pa.Array
     rows: int
+    relative_paths: list[str] = field(default_factory=list)
+    """Each file's path under the shards root (`<source>/part-....parquet`), as `file_uris`."""
 
 
 @dataclass(frozen=True)
@@ -306,6 +308,7 @@ def load_unlabeled_pool(split_dir: str, shards_root: str | None = None) -> Unlab
         file_uris=[storage.join(root, *entry["path"].split("/")) for entry in payload["files"]],
         excluded_ids=excluded_ids,
         rows=int(payload["rows"]),
+        relative_paths=[entry["path"] for entry in payload["files"]],
     )
 
 

@@ -198,7 +198,8 @@ def load_temporal_model(uri: str, device: str = "cpu") -> tuple[TemporalEncoder,
 def fit(config: TemporalJobConfig, train: FeatureSet, validation: FeatureSet, frame_run_id: str,
         collectives: Collectives | None = None, rank: int = 0, world_size: int = 1,
         restored: dict[str, Any] | None = None,
-        report: Callable[[dict[str, Any], TemporalTrainer], None] | None = None) -> dict[str, Any]:
+        report: Callable[[dict[str, Any], TemporalTrainer, list[dict[str, Any]]], None] | None = None
+        ) -> dict[str, Any]:
     """Train (resuming from `restored`, or from the run folder's temporal.pt in one process),
     evaluate the ablation each epoch, write metrics.jsonl/metrics.json from rank 0."""
     if config.run.threads:
@@ -235,8 +236,8 @@ def fit(config: TemporalJobConfig, train: FeatureSet, validation: FeatureSet, fr
             storage.write_bytes_atomic(storage.join(folder, METRICS_LINES), lines)
             if report is None:
                 save_checkpoint(folder, trainer, config, epoch + 1, frame_run_id, history)
-        if report is not None:
-            report(record, trainer)
+        if report is not None:  # Ray Train: the caller checkpoints (trainer and history so far)
+            report(record, trainer, history)
         rows = record["ablation"]
         print(f"[temporal] epoch {epoch + 1} loss {loss:.4f}  " + "  ".join(
             f"{name} {value:.4f}" for name, value in rows.items()), flush=True)
