@@ -15,7 +15,6 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 import torch
-import yaml
 
 from pipeline import config as typed
 from pipeline import metrics, schema, smoothing, storage
@@ -24,7 +23,7 @@ from pipeline.inference import FEATURES, PREDICTED, probabilities_of
 from pipeline.methods.base import Collectives
 from pipeline.prediction_files import read_table
 from pipeline.temporal import FrameSequences, TemporalConfig, TemporalEncoder, TemporalTrainer, predict_sequences
-from pipeline.training.config import apply_overrides
+from pipeline.training.config import ScalingConfig, recipe_mapping
 
 CHECKPOINT = "temporal.pt"
 METRICS = "metrics.json"
@@ -42,15 +41,6 @@ class TemporalRunConfig:
 
     def __post_init__(self) -> None:
         typed.check(self.device in ("auto", "cpu", "cuda"), "run.device", "auto, cpu or cuda")
-
-
-@dataclass
-class TemporalScalingConfig:
-    num_workers: int = 0
-    """0: one process; N: N Ray Train workers (gradients averaged, replicas identical)."""
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_failures: int = 3
 
 
 @dataclass
@@ -78,7 +68,9 @@ class TemporalJobConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     """The feature-extraction pass (Ray Data actor pool)."""
     run: TemporalRunConfig = field(default_factory=TemporalRunConfig)
-    scaling: TemporalScalingConfig = field(default_factory=TemporalScalingConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    """The same settings as jobs.train's: 0 workers is one process, N runs N Ray Train workers
+    (gradients averaged, replicas identical)."""
 
     def __post_init__(self) -> None:
         typed.check(bool(self.frame_checkpoint), "frame_checkpoint", "set it to a trained frame run")
@@ -95,14 +87,7 @@ class TemporalJobConfig:
 
 def load_temporal_config(path: str | None = None, overrides: list[str] | None = None,
                          base: dict[str, Any] | None = None) -> TemporalJobConfig:
-    mapping: dict[str, Any] = dict(base or {})
-    if path:
-        with open(path) as handle:
-            loaded = yaml.safe_load(handle) or {}
-        if not isinstance(loaded, dict):
-            raise typed.ConfigError(f"{path}: a recipe must be a mapping")
-        mapping.update(loaded)
-    return typed.from_mapping(TemporalJobConfig, apply_overrides(mapping, overrides or []))
+    return typed.from_mapping(TemporalJobConfig, recipe_mapping(path, overrides, base))
 
 
 def to_mapping(config: TemporalJobConfig) -> dict[str, Any]:

@@ -166,9 +166,9 @@ def apply_overrides(mapping: dict[str, Any], overrides: list[str]) -> dict[str, 
     return result
 
 
-def load_config(path: str | None = None, overrides: list[str] | None = None,
-                base: dict[str, Any] | None = None) -> TrainConfig:
-    """Recipe YAML (or `base`) + overrides -> a validated TrainConfig."""
+def recipe_mapping(path: str | None = None, overrides: list[str] | None = None,
+                   base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`base`, updated by the recipe YAML at `path`, then the `--set` overrides (not yet typed)."""
     mapping: dict[str, Any] = dict(base or {})
     if path:
         with open(path) as handle:
@@ -176,8 +176,13 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
         if not isinstance(loaded, dict):
             raise typed.ConfigError(f"{path}: a recipe must be a mapping")
         mapping.update(loaded)
-    mapping = apply_overrides(mapping, overrides or [])
-    config = typed.from_mapping(TrainConfig, mapping)
+    return apply_overrides(mapping, overrides or [])
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> TrainConfig:
+    """Recipe YAML (or `base`) + overrides -> a validated TrainConfig."""
+    config = typed.from_mapping(TrainConfig, recipe_mapping(path, overrides, base))
     config.options()  # validate the method's own options now, not mid-run
     return config
 
