@@ -1,6 +1,6 @@
 """Batch inference throughput on this machine, side by side on the same frames and model:
 
-- job:  `pipeline.batch_inference.run_predictions` (what `jobs.infer` / `jobs.pseudolabel` run:
+- job:  `pipeline.inference.ray_inference.run_predictions` (what `jobs.infer` / `jobs.pseudolabel` run:
         Ray Data read + filter, an actor pool running `predict_rows`, the driver writing one
         output file per input file);
 - bare: one process, the same files read with pyarrow and `predict_rows` called in a loop with all
@@ -34,10 +34,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline import smoothing  # noqa: E402
-from pipeline.batch_inference import InferenceConfig, run_predictions  # noqa: E402
-from pipeline.inference import PREDICTED, load_frame_model, predict_rows  # noqa: E402
-from pipeline.prediction_files import InputFile, RowFilter  # noqa: E402
+from pipeline.core import smoothing  # noqa: E402
+from pipeline.inference.config import InferenceConfig  # noqa: E402
+from pipeline.inference.ray_inference import run_predictions  # noqa: E402
+from pipeline.data.schema import PREDICTED  # noqa: E402
+from pipeline.inference.predict import load_frame_model, predict_rows  # noqa: E402
+from pipeline.inference.prediction_files import InputFile, RowFilter  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,7 +71,7 @@ def bare(files: list[str], checkpoint: str, batch: int, threads: int) -> tuple[f
 def job(files: list[str], checkpoint: str, settings: InferenceConfig, out: str) -> dict[str, float]:
     shutil.rmtree(out, ignore_errors=True)
     inputs = [InputFile(path, os.path.basename(path), pq.ParquetFile(path).metadata.num_rows) for path in files]
-    from pipeline import prediction_files
+    from pipeline.inference import prediction_files
 
     arrivals: list[tuple[float, int]] = []  # (time, rows) of each batch reaching the driver
     original = prediction_files.FileCollector.add
@@ -115,7 +117,7 @@ def main() -> int:
         raise SystemExit(f"{arguments.pool}: no Parquet files; run bench/streaming.py first")
     checkpoint = make_checkpoint(arguments.split, os.path.abspath("bench_out/runs"), arguments.backbone,
                                  arguments.image_size)
-    from pipeline.raydata import ensure_ray
+    from pipeline.data.ray_ingest import ensure_ray
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     ensure_ray(num_cpus=arguments.cpus)
@@ -136,9 +138,9 @@ def main() -> int:
               f"{measured['first_output_s']:.1f} s", flush=True)
 
     # Smoothing: every prediction as one table of videos (600-frame videos), timed alone.
-    from pipeline.prediction_files import read_table
+    from pipeline.data import storage
 
-    table = pa.concat_tables([read_table(os.path.join("bench_out/inference_out", os.path.basename(path)))
+    table = pa.concat_tables([storage.read_parquet(os.path.join("bench_out/inference_out", os.path.basename(path)))
                               for path in files])
     count = table.num_rows
     videos = np.array([f"video{index // 600}" for index in range(count)], dtype=object)

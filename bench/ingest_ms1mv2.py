@@ -23,11 +23,11 @@ import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline import ingest, recordio  # noqa: E402
+from pipeline.data import ingest, recordio  # noqa: E402
 from pipeline.demo import faces  # noqa: E402
 from pipeline.demo.corpus import _jpeg_bytes  # noqa: E402
-from pipeline.raydata import RayDataExecutor, ensure_ray  # noqa: E402
-from pipeline.readers.ms1mv2 import Ms1mv2Reader  # noqa: E402
+from pipeline.data.ray_ingest import RayDataExecutor, ensure_ray  # noqa: E402
+from pipeline.data.readers.ms1mv2 import Ms1mv2Reader  # noqa: E402
 
 REAL_SUBSET_RECORDS = 1_940_884  # 5,822,653 / 3, the papers' MS1MV2 subset
 

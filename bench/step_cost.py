@@ -17,10 +17,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline import views  # noqa: E402
+from pipeline.core import views  # noqa: E402
 from pipeline.methods import METHODS, find_method  # noqa: E402
 from pipeline.methods.base import MethodContext, OptimizerConfig, TrainBatch  # noqa: E402
-from pipeline.models import ModelConfig  # noqa: E402
+from pipeline.core.models import ModelConfig  # noqa: E402
 from pipeline.training.config import DataConfig  # noqa: E402
 from pipeline.training.data import read_labeled  # noqa: E402
 from pipeline.training.inputs import make_views  # noqa: E402

@@ -2,7 +2,7 @@
 same Parquet shards with the same CPU transform (`PoolViews`: pool filter, JPEG decode, resize,
 weak-view crop/flip to uint8):
 
-- ray_data:   `pipeline.streaming` (Ray Data read + map_batches tasks -> StreamedUnlabeled), the
+- ray_data:   `pipeline.training.ray_train` (Ray Data read + map_batches tasks -> StreamedUnlabeled), the
               path Ray Train workers consume;
 - dataloader: a torch DataLoader with `--loader-workers` processes over the files;
 - bare:       one process reading the files and transforming each record batch in a loop.
@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline import schema, split  # noqa: E402
+from pipeline.data import schema, split  # noqa: E402
 from pipeline.training.config import DataConfig  # noqa: E402
 from pipeline.training.inputs import PREPARED_OK, PREPARED_PIXELS, PoolViews  # noqa: E402
 
@@ -114,7 +114,7 @@ def loader_batches(paths: list[str], views: PoolViews, read_rows: int, workers: 
 
 
 def ray_batches(paths: list[str], rows: int, data: DataConfig, batch: int, shuffle_buffer: int):
-    from pipeline.streaming import StreamedUnlabeled, pool_dataset
+    from pipeline.training.ray_train import StreamedUnlabeled, pool_dataset
 
     dataset = pool_dataset(paths, pa.array([], pa.string()), data, seed=0)
     stream = StreamedUnlabeled(dataset.iterator(), batch, shuffle_buffer, seed=0, rank=0)
@@ -143,7 +143,7 @@ def main() -> int:
     data = DataConfig(image_size=arguments.image_size, decode_batch=arguments.read_rows)
     views = PoolViews(data, pa.array([], pa.string()), seed=0)
 
-    from pipeline.raydata import ensure_ray
+    from pipeline.data.ray_ingest import ensure_ray
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     ensure_ray(num_cpus=arguments.cpus)

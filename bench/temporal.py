@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jobs import train_temporal  # noqa: E402
-from pipeline.temporal_training import METRICS  # noqa: E402
+from pipeline.temporal.training import METRICS  # noqa: E402
 
 RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "recipes",
                       "demo_temporal.yaml")

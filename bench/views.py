@@ -24,7 +24,7 @@ from torchvision import transforms
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline import views  # noqa: E402
+from pipeline.core import views  # noqa: E402
 from pipeline.demo import faces  # noqa: E402
 
 

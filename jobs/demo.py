@@ -24,11 +24,12 @@ import os
 import sys
 import time
 
-from pipeline import config, ingest, schema, storage
+from pipeline import config
+from pipeline.data import ingest, schema, storage
+from pipeline.data.ray_ingest import RayDataExecutor, cluster_cpus
+from pipeline.data.readers import make_reader
+from pipeline.data.split import make_split
 from pipeline.demo.corpus import PRESETS, DemoCorpusConfig, write_demo_corpus
-from pipeline.raydata import RayDataExecutor, cluster_cpus
-from pipeline.readers import make_reader
-from pipeline.split import make_split
 from pipeline.training.config import load_config
 from pipeline.training.loop import Trainer
 
@@ -68,7 +69,7 @@ def downstream(out: str, run: str, shard_folder: str, split_folder: str, run_sto
         raise RuntimeError("jobs.infer failed")
     pseudo = storage.join(out, "pseudolabels")
     print("\n== pseudolabel (the unlabeled pool) ==")
-    from pipeline.inference import load_frame_model
+    from pipeline.inference.predict import load_frame_model
 
     # Methods without class thresholds (supervised, noise-aware) export at a fixed confidence.
     fixed = [] if load_frame_model(run).thresholds() is not None else ["--confidence", "0.95"]

@@ -24,14 +24,16 @@ import dataclasses
 import sys
 import time
 
-from pipeline import schema, smoothing, storage, submission
-from pipeline.batch_inference import connect, run_predictions
-from pipeline.config import ConfigError
-from pipeline.inference import load_frame_model
-from pipeline.prediction_files import RowFilter, input_files_from_folders, read_table
-from pipeline.temporal_training import load_temporal_model
-from pipeline.video_predictions import add_smoothed, apply_temporal, in_frame_order, scores, write_videos
 from jobs.pseudolabel import add_inference_arguments, inference_config
+from pipeline.config import ConfigError
+from pipeline.core import smoothing
+from pipeline.data import schema, storage
+from pipeline.inference import submission
+from pipeline.inference.predict import load_frame_model
+from pipeline.inference.prediction_files import RowFilter, input_files_from_folders
+from pipeline.inference.ray_inference import connect, run_predictions
+from pipeline.inference.videos import add_smoothed, in_frame_order, scores, write_videos
+from pipeline.temporal.training import apply_temporal, load_temporal_model
 
 MANIFEST = "_manifest.json"
 FRAMES_FOLDER = "frames"
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no Aff-Wild2 frames selected in the inputs", file=sys.stderr)
         return 2
     smoothing_started = time.perf_counter()
-    table = in_frame_order([read_table(storage.join(frames_out, item.relative)) for item in used])
+    table = in_frame_order([storage.read_parquet(storage.join(frames_out, item.relative)) for item in used])
     run_id = model.run_id
     if temporal is not None:
         table = apply_temporal(table, temporal[0], temporal[1].temporal)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline import ingest, schema, shards
-from pipeline.readers import make_reader
-from pipeline.readers.base import SourceUnusable
+from pipeline.data import ingest, schema, shards
+from pipeline.data.readers import make_reader
+from pipeline.data.readers.base import SourceUnusable
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     max_file_bytes = arguments.max_file_mb << 20
     if arguments.executor == "ray":
-        from pipeline.raydata import RayDataExecutor, cluster_cpus
+        from pipeline.data.ray_ingest import RayDataExecutor, cluster_cpus
 
         executor = RayDataExecutor(arguments.cpus_per_task)
         parallelism = int(cluster_cpus() / arguments.cpus_per_task)

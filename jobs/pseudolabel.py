@@ -21,13 +21,14 @@ import argparse
 import sys
 import time
 
-from pipeline import storage
-from pipeline.batch_inference import InferenceConfig, connect, run_predictions
 from pipeline.config import ConfigError
-from pipeline.inference import load_frame_model
-from pipeline.prediction_files import (RowFilter, input_files_from_folders, input_files_from_pool,
-                                       read_table)
-from pipeline.pseudolabels import MANIFEST, class_thresholds, mark_accepted, summarise
+from pipeline.data import storage
+from pipeline.data.pseudo_labels import MANIFEST
+from pipeline.inference.config import InferenceConfig
+from pipeline.inference.predict import load_frame_model
+from pipeline.inference.prediction_files import RowFilter, input_files_from_folders, input_files_from_pool
+from pipeline.inference.pseudo_labels import class_thresholds, mark_accepted, summarise
+from pipeline.inference.ray_inference import connect, run_predictions
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs, row_filter, model.checkpoint, arguments.out, settings, identity,
         finish=lambda table: mark_accepted(table, thresholds, model.run_id))
     written = [item for item in inputs if item.rows > 0]
-    tables = [read_table(storage.join(arguments.out, item.relative)) for item in written]
+    tables = [storage.read_parquet(storage.join(arguments.out, item.relative)) for item in written]
     summary = summarise(tables)
     manifest = {
         "checkpoint": model.checkpoint, "run_id": model.run_id, "method": model.config.method,

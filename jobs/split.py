@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline import shards
-from pipeline.split import make_split
+from pipeline.data import shards
+from pipeline.data.split import make_split
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:

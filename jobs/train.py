@@ -1,6 +1,6 @@
 """Train any registered method from a recipe, in one process or on Ray Train.
 
-    python -m jobs.train --config jobs/recipes/demo_supervised.yaml [--set key=value ...]
+    python -m jobs.train --config jobs/recipes/demo_seed002_supervised.yaml [--set key=value ...]
     python -m jobs.train --config jobs/recipes/abaw5_dtm.yaml --set data.split=s3://bucket/split \
         --set run.storage=s3://bucket/runs
     python -m jobs.train --config jobs/recipes/demo_abaw5_dtm.yaml --set scaling.num_workers=2 \
@@ -52,18 +52,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary_keys = ("method", "run", "epochs", "best_epoch", "best_macro_f1")
     if config.scaling.num_workers > 0:
-        from pipeline import distributed, storage
-        from pipeline.raydata import ensure_ray
+        from pipeline.data import storage
+        from pipeline.data.ray_ingest import ensure_ray
+        from pipeline.training import ray_train
         from pipeline.training.loop import FINAL_METRICS
 
         ensure_ray(dashboard=True)  # before the trainer: its Ray Data pool stream reads metadata
         try:
-            trainer = distributed.build_trainer(config)
+            trainer = ray_train.build_trainer(config)
         except ConfigError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
         result = trainer.fit()
-        final = storage.read_json(storage.join(distributed.run_folder(config), FINAL_METRICS))
+        final = storage.read_json(storage.join(ray_train.run_folder(config), FINAL_METRICS))
         summary = {key: final[key] for key in summary_keys}
         summary["checkpoint"] = result.checkpoint.path if result.checkpoint else None
         print(json.dumps(summary))
@@ -72,13 +73,13 @@ def main(argv: list[str] | None = None) -> int:
 
     unlabeled = None
     if config.data.unlabeled_reader == "ray_data":  # one process fed by Ray Data (measured in bench/)
-        from pipeline import streaming
-        from pipeline.raydata import ensure_ray
+        from pipeline.data.ray_ingest import ensure_ray
+        from pipeline.training import ray_train
 
-        if streaming.uses_ray_data(config):
+        if ray_train.uses_ray_data(config):
             ensure_ray()
-            unlabeled = streaming.streamed_unlabeled(
-                config, streaming.unlabeled_dataset(config).iterator(), rank=0)
+            unlabeled = ray_train.streamed_unlabeled(
+                config, ray_train.unlabeled_dataset(config).iterator(), rank=0)
     final = Trainer(config, unlabeled=unlabeled).fit()
     print(json.dumps({key: final[key] for key in summary_keys}))
     return 0

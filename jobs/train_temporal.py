@@ -21,13 +21,12 @@ import argparse
 import json
 import sys
 
-from pipeline import schema, storage
-from pipeline.batch_inference import connect, run_predictions
 from pipeline.config import ConfigError
-from pipeline.inference import load_frame_model
-from pipeline.prediction_files import RowFilter, input_files_from_folders
-from pipeline.temporal_training import (METRICS, fit, load_temporal_config, read_features,
-                                        to_mapping)
+from pipeline.data import schema, storage
+from pipeline.inference.predict import load_frame_model
+from pipeline.inference.prediction_files import RowFilter, input_files_from_folders
+from pipeline.inference.ray_inference import connect, run_predictions
+from pipeline.temporal.training import METRICS, fit, load_temporal_config, read_features, to_mapping
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
                     with_features=True)
     uris = [storage.join(features_out, item.relative) for item in inputs if item.rows > 0]
     if config.scaling.num_workers > 0:
-        from pipeline import distributed
+        from pipeline.temporal import ray_train
 
-        distributed.build_temporal_trainer(config, uris, frame_model.run_id).fit()
+        ray_train.build_temporal_trainer(config, uris, frame_model.run_id).fit()
         final = storage.read_json(storage.join(storage.absolute(config.folder), METRICS))
     else:
         train, validation = read_features(uris, schema.TRAIN), read_features(uris, schema.VALIDATION)

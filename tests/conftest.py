@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,13 +31,17 @@ def jpeg_bytes() -> bytes:
 def local_ray():
     """A local Ray for one test module: started once, shut down after (workers are slow to start)."""
     ray = pytest.importorskip("ray")
-    from pipeline.raydata import ensure_ray
+    from pipeline.data.ray_ingest import ensure_ray
 
-    # Workers must import test-defined readers and this package: they inherit the driver's env.
+    # Workers must import test-defined readers (by their module name, e.g. `test_ingest`, as pytest
+    # imported them from their stage folder), these helpers and the package: they inherit the
+    # driver's environment.
     saved = os.environ.get("PYTHONPATH")
     here = os.path.dirname(os.path.abspath(__file__))
+    stage_folders = sorted(str(path) for path in Path(here).iterdir()
+                           if path.is_dir() and any(path.glob("test_*.py")))
     os.environ["PYTHONPATH"] = os.pathsep.join(
-        [here, os.path.dirname(here)] + ([saved] if saved else []))
+        [here, *stage_folders, os.path.dirname(here)] + ([saved] if saved else []))
     ensure_ray(num_cpus=2)
     try:
         yield ray
@@ -63,10 +68,10 @@ def one_thread():
 def build_tiny_split(root) -> str:
     """The tiny demo corpus ingested (sequentially) and split with 4 labels per class: the
     smallest real split, for training tests. Returns the split folder."""
-    from pipeline import ingest, schema
+    from pipeline.data import ingest, schema
+    from pipeline.data.readers import make_reader
+    from pipeline.data.split import make_split
     from pipeline.demo.corpus import PRESETS, write_demo_corpus
-    from pipeline.readers import make_reader
-    from pipeline.split import make_split
 
     write_demo_corpus(str(root / "corpus"), PRESETS["tiny"])
     for source in schema.SOURCES:

@@ -10,8 +10,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
+from pipeline.core.models import ModelConfig
 from pipeline.methods.base import Collectives, Method, MethodContext, OptimizerConfig, StepResult, TrainBatch
-from pipeline.models import ModelConfig
 
 CLASSES = 4
 

@@ -1,4 +1,4 @@
-"""The validation metric (METHODS.md, "Metric"): confusion matrix, per-class and macro F1 over the
+"""The validation metric (docs/methods.md, "Metric"): confusion matrix, per-class and macro F1 over the
 ABAW classes, one-shot or accumulated batch by batch. Pure numpy; torch tensors are converted.
 """
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import schema
+from pipeline.data import schema
 
 
 def _as_numpy(values: Any) -> np.ndarray:
@@ -73,7 +73,7 @@ def per_class_f1(confusion: Any) -> np.ndarray:
 
 
 def macro_f1(targets: Any, predictions: Any, num_classes: int = schema.NUM_CLASSES) -> float:
-    """The mean of per-class F1 over all num_classes classes, absent ones scoring 0 (METHODS.md).
+    """The mean of per-class F1 over all num_classes classes, absent ones scoring 0 (docs/methods.md).
 
     Equals `sklearn.metrics.f1_score(y, p, labels=range(num_classes), average="macro",
     zero_division=0)` after dropping -1 targets. Empty input (or only -1 targets) gives 0.0: every

@@ -14,7 +14,7 @@ import timm
 import torch
 from torch import nn
 
-from pipeline import schema, storage
+from pipeline.data import schema, storage
 
 
 @dataclass

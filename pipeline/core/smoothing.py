@@ -1,4 +1,4 @@
-"""Post-processing (METHODS.md): a per-video sliding-window vote over per-frame labels, never across
+"""Post-processing (docs/methods.md): a per-video sliding-window vote over per-frame labels, never across
 videos, centred or in blocks, in O(n) vectorised numpy.
 
 Tie rule (`TIE_RULE`): among the labels tied for most votes in a window, the one with an occurrence
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import schema
+from pipeline.data import schema
 
 CENTRED = "centred"
 BLOCK = "block"

@@ -13,8 +13,7 @@ from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
 
-from pipeline import schema
-
+from pipeline.data import schema
 
 # Per-class statistics: what a worker computes per batch and what an all-reduce sums.
 
@@ -131,7 +130,7 @@ def class_statistics_by_label(probabilities: torch.Tensor, labels: torch.Tensor)
     prediction probability of class c"), the probability given to the true class, because the text
     says the threshold "is calculated by the model's performance on train set" and the max
     probability would reward confident mistakes. The eq. writes 1/N_s; we divide by the class count
-    (METHODS.md: "mean confidence of train samples whose label is c"), which `means` does.
+    (the MutexMatch paper: "mean confidence of train samples whose label is c"), which `means` does.
     Labels -1 are ignored.
     """
     _check_probabilities(probabilities, labels)

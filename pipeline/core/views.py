@@ -16,9 +16,9 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.io import ImageReadMode, decode_image
 
-from pipeline import images as image_checks
 from pipeline.config import check
-from pipeline.randaugment import DEFAULT_OPS, LUMA, OPERATIONS, RandAugment, timm_strong_transform
+from pipeline.core.randaugment import DEFAULT_OPS, LUMA, OPERATIONS, RandAugment, timm_strong_transform
+from pipeline.data import images as image_checks
 
 __all__ = [
     "ColourJitter", "RandAugment", "StrongView", "StrongViewConfig", "WeakView", "WeakViewConfig",
@@ -65,14 +65,14 @@ def decode_resize(images: list[bytes], size: int) -> tuple[np.ndarray, np.ndarra
     """Decode JPEG/PNG bytes and resize to (N, size, size, 3) uint8 (faces are aligned crops).
 
     Returns (pixels, ok): rows whose bytes do not decode are zeros and `ok` is False there, so one
-    bad row never stops a long job (`pipeline.images.decode` says why for a given row).
+    bad row never stops a long job (`pipeline.data.images.decode` says why for a given row).
 
     torchvision's libjpeg-turbo decoder plus torch's uint8 antialiased bilinear resize; JPEGs at
     least twice `size` go through Pillow's draft (DCT-domain downscaling) instead, 16-bit PNGs
     through Pillow. One core, 64 rendered faces, JPEG q92, best of 5, images/s, Pillow
     open/convert/resize in brackets: 112->112 16.8k (8.5k), 112->224 8.8k (2.4k), 256->224 3.1k
     (1.3k), 256->112 4.1k (1.7k), 512->224 1.1k (0.9k torchvision without draft). simplejpeg (not
-    installed) decodes 112 px ~1.4x faster again (PERF.md). torchvision 0.29 deprecates its image
+    installed) is reported to decode 112 px about 1.4x faster again (not measured here). torchvision 0.29 deprecates its image
     decoders for TorchCodec; the pinned version has them.
     """
     pixels = torch.zeros((len(images), size, size, 3), dtype=torch.uint8)
@@ -306,7 +306,7 @@ def random_erasing(images: torch.Tensor, probability: float, generator: torch.Ge
 
 @dataclass(frozen=True)
 class WeakViewConfig:
-    """The weak view (METHODS.md "Augmentation"): geometry on the CPU, colour jitter on the device."""
+    """The weak view (docs/methods.md, "Views"): geometry on the CPU, colour jitter on the device."""
 
     resize: int = 224
     """Square size images are decoded to (ABAW5: 224; ABAW6: 256, then cropped)."""
@@ -324,7 +324,7 @@ class WeakViewConfig:
     mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
     std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
     channels_last: bool = True
-    """Output memory layout; channels_last is 1.3-1.8x faster for CNNs on CPU (PERF.md)."""
+    """Output memory layout; channels_last is commonly 1.3-1.8x faster for CNNs on CPU (not re-measured in BENCHMARKS.md)."""
 
     def __post_init__(self) -> None:
         check(self.resize > 0, "resize", f"must be positive, got {self.resize}")

@@ -1,7 +1,7 @@
 """Ingest one corpus into a shard folder: plan on the driver, read units in parallel, manifest last.
 
 The executor that runs the units is passed in: `run_sequentially` here (tests, debugging) or the
-Ray Data one in `pipeline.raydata`. Nothing in this module imports ray.
+Ray Data one in `pipeline.data.ray_ingest`. Nothing in this module imports ray.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import sys
 import time
 from typing import Any, Callable, Iterable, Iterator
 
-from pipeline import shards, storage
-from pipeline.readers.base import SourceReader, SourceUnusable
+from pipeline.data import shards, storage
+from pipeline.data.readers.base import SourceReader, SourceUnusable
 
 
 @dataclasses.dataclass

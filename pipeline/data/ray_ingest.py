@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipeline.ingest import UnitResult, UnitTask
+from pipeline.data.ingest import UnitResult, UnitTask
 
 
 def ensure_ray(num_cpus: int | None = None, quiet: bool = True, dashboard: bool = False) -> None:

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipeline import schema
+from pipeline.data import schema
 
 
 class ClassBalancedSampler:

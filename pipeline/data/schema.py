@@ -17,7 +17,7 @@ CLASS_NAMES: tuple[str, ...] = (
 NUM_CLASSES = len(CLASS_NAMES)
 NO_LABEL = -1  # Aff-Wild2's "ignore this frame"; also every unlabeled (face recognition) image
 
-# Source ids -> ABAW ids (METHODS.md, "Classes and label maps"). AffectNet 7..10 (Contempt, None,
+# Source ids -> ABAW ids (docs/methods.md, "Classes and label maps"). AffectNet 7..10 (Contempt, None,
 # Uncertain, No-Face) have no ABAW class and are kept out of the shards entirely.
 AFFECTNET_TO_ABAW: dict[int, int] = {0: 0, 1: 4, 2: 5, 3: 6, 4: 3, 5: 2, 6: 1}
 AFFECTNET_EXCLUDED: dict[int, str] = {7: "Contempt", 8: "None", 9: "Uncertain", 10: "No-Face"}
@@ -68,6 +68,20 @@ METADATA_COLUMNS: tuple[str, ...] = tuple(name for name in SHARD_SCHEMA.names if
 # not compress and min/max statistics over them only bloat the footer).
 DICTIONARY_COLUMNS: tuple[str, ...] = (SOURCE, SPLIT, VIDEO)
 STATISTICS_COLUMNS: tuple[str, ...] = (SAMPLE_ID, LABEL, SOURCE, SPLIT, VIDEO, FRAME, IDENTITY)
+
+
+# Prediction files (`jobs.infer`, `jobs.pseudolabel`, the temporal features): the shard's
+# identifying columns plus these. One owner, because inference writes them and training, the
+# temporal stage and the pseudo-label reader read them.
+PROBABILITY_COLUMNS: tuple[str, ...] = tuple(f"probability_{name.lower()}" for name in CLASS_NAMES)
+PREDICTED = "predicted"    # argmax class, -1 for an undecodable frame
+CONFIDENCE = "confidence"  # the predicted class's probability
+DECODED = "decoded"        # False: the image did not decode; the row carries no prediction
+FEATURES = "features"      # pooled backbone features (list<float32>), when asked for
+# Pseudo-label files add these three to a prediction file.
+THRESHOLD = "threshold"    # the class threshold in force for the row's predicted class
+ACCEPTED = "accepted"      # decoded and confidence >= threshold
+RUN_ID = "run_id"          # the training run whose model produced the row
 
 
 def affwild2_sample_id(video: str, frame: int) -> str:

@@ -15,7 +15,8 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import __version__, schema, storage
+from pipeline import __version__
+from pipeline.data import schema, storage
 
 MANIFEST_NAME = "_manifest.json"
 PART_PREFIX = "part-"

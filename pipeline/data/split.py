@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import __version__, schema, shards, storage
+from pipeline import __version__
+from pipeline.data import schema, shards, storage
 
 SPLIT_NAME = "_split.json"
 POOL_NAME = "_pool.json"

@@ -6,6 +6,7 @@ runs against AWS, MinIO or a loopback test server; credentials come from the usu
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import posixpath
@@ -14,6 +15,8 @@ import zlib
 from typing import Any
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 
@@ -185,3 +188,17 @@ def file_checksum(uri: str, chunk_bytes: int = 16 << 20) -> str:
         while chunk := handle.read(chunk_bytes):
             crc = zlib.crc32(chunk, crc)
     return f"crc32:{crc:08x}"
+
+
+def write_parquet_atomic(uri: str, table: pa.Table) -> None:
+    """One whole Parquet file (zstd) at `uri`, visible only once complete."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    write_bytes_atomic(uri, buffer.getvalue())
+
+
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file at `uri` (local or remote), optionally only `columns`."""
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        return pq.read_table(handle, columns=columns)

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from pipeline import config, recordio, schema
+from pipeline import config
+from pipeline.data import recordio, schema
 from pipeline.demo import faces
 
 # Roughly the class shares of in-the-wild FER sets (Neutral and Happiness dominate, Fear and

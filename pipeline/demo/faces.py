@@ -23,7 +23,7 @@ raise the inner brow corners) so that the task is not trivially separable.
 Shapes are drawn as polygons at ``SUPERSAMPLE`` (4x) the output size and box-averaged
 down for anti-aliasing.  Measured speed on one core of an AMD EPYC VM (Python 3.11,
 Pillow 13, numpy 2.4): 1.45 ms per 112 px face at difficulty 1 (blur and noise are
-about 0.6 ms of that) and 0.9 ms at difficulty 0; ``tests/test_demo_faces.py``
+about 0.6 ms of that) and 0.9 ms at difficulty 0; ``tests/demo/test_demo_faces.py``
 prints the figure on every run.
 
 A linear classifier on 24x24 grayscale pixels (ridge, 480 training faces of random

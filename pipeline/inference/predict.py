@@ -14,17 +14,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import schema, storage
+from pipeline.data import schema, storage
+from pipeline.data.schema import CONFIDENCE, DECODED, FEATURES, PREDICTED, PROBABILITY_COLUMNS
 from pipeline.methods.base import Method, MethodContext
 from pipeline.training import checkpoint
 from pipeline.training.config import TrainConfig, load_config, without_retired_keys
 from pipeline.training.inputs import evaluation_tensor
 
-PROBABILITY_COLUMNS = [f"probability_{name.lower()}" for name in schema.CLASS_NAMES]
-PREDICTED = "predicted"
-CONFIDENCE = "confidence"
-DECODED = "decoded"
-FEATURES = "features"
 RAY_CHECKPOINT = re.compile(r"^checkpoint_")
 
 

@@ -6,7 +6,6 @@ that lets a re-run skip it (resume by shard). Pure pyarrow; the Ray Data stream 
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -14,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import schema, shards, split, storage
+from pipeline.data import schema, shards, split, storage
 
 PATH_COLUMN = "path"
 """The input file of each row (Ray Data's `include_paths` column), as the filesystem path."""
@@ -145,7 +144,7 @@ class FileCollector:
         table = pa.concat_tables(self.buffers.pop(item.path), promote_options="default")
         table = self.finish(table.drop_columns([PATH_COLUMN]))
         table = table.sort_by([(column, "ascending") for column in self.sort_by])
-        write_table_atomic(storage.join(self.out, item.relative), table)
+        storage.write_parquet_atomic(storage.join(self.out, item.relative), table)
         storage.write_json_atomic(done_marker(self.out, item.relative),
                                   {"identity": self.identity, "rows": item.rows, "input": item.uri})
         self.written.append(item)
@@ -159,15 +158,3 @@ class FileCollector:
         if missing:
             raise RuntimeError("predictions incomplete for: " + "; ".join(missing[:10])
                                + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
-
-
-def write_table_atomic(uri: str, table: pa.Table) -> None:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
-    storage.write_bytes_atomic(uri, buffer.getvalue())
-
-
-def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
-    fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as handle:
-        return pq.read_table(handle, columns=columns)

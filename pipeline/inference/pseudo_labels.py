@@ -1,6 +1,6 @@
-"""Pseudo-label export, the pure parts: the threshold in force per row and the accepted flag, the
-manifest's per-class accepted counts, and reading accepted rows back (with their images from the
-source shards) as extra labeled data for `jobs.train` (`data.labeled_pseudo_labels`).
+"""Pseudo-label export, the pure parts: the threshold in force per row and the accepted flag, and
+the manifest's per-class accepted counts. Reading accepted rows back for training is
+`pipeline.data.pseudo_labels`.
 """
 
 from __future__ import annotations
@@ -9,16 +9,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from pipeline import schema, storage
-from pipeline.inference import CONFIDENCE, DECODED, PREDICTED
-from pipeline.prediction_files import read_table
-
-MANIFEST = "_manifest.json"
-THRESHOLD = "threshold"
-ACCEPTED = "accepted"
-RUN_ID = "run_id"
+from pipeline.data import schema
+from pipeline.data.schema import ACCEPTED, CONFIDENCE, DECODED, PREDICTED, RUN_ID, THRESHOLD
 
 
 def class_thresholds(model_thresholds: np.ndarray | None, fixed: float | None) -> tuple[np.ndarray, str]:
@@ -68,54 +61,3 @@ def summarise(tables: list[pa.Table]) -> dict[str, Any]:
         "accepted_per_class": dict(zip(schema.CLASS_NAMES, accepted.tolist())),
         "predicted_per_class": dict(zip(schema.CLASS_NAMES, predicted_counts.tolist())),
     }
-
-
-def read_accepted(folder: str, per_class: int | None = None, seed: int = 0) -> pa.Table:
-    """The accepted rows of a finished export as labeled shard rows (sample_id, image, label =
-    the pseudo label, video/frame when the source has them), images fetched from the input files
-    the manifest lists. `per_class` caps each class (a seeded draw): the rows are held in memory."""
-    manifest_uri = storage.join(folder, MANIFEST)
-    if not storage.exists(manifest_uri):
-        raise FileNotFoundError(f"{folder}: no {MANIFEST}; the pseudo-label export did not finish")
-    manifest = storage.read_json(manifest_uri)
-    selected = []
-    for entry in manifest["files"]:
-        labels = read_table(storage.join(folder, entry["path"]), [schema.SAMPLE_ID, PREDICTED, ACCEPTED])
-        labels = labels.filter(labels[ACCEPTED])
-        if labels.num_rows:
-            selected.append((entry["input"], labels))
-    if per_class is not None:
-        selected = _cap_per_class(selected, per_class, seed)
-    parts = []
-    columns = [schema.SAMPLE_ID, schema.IMAGE, schema.VIDEO, schema.FRAME]
-    for input_uri, labels in selected:
-        source = read_table(input_uri, columns)
-        source = source.filter(pc.is_in(source[schema.SAMPLE_ID], value_set=labels[schema.SAMPLE_ID]))
-        label_of = dict(zip(labels[schema.SAMPLE_ID].to_pylist(), labels[PREDICTED].to_pylist()))
-        if source.num_rows != labels.num_rows:
-            raise ValueError(f"{input_uri}: {labels.num_rows} accepted ids but {source.num_rows} found "
-                             "in the input file (was it rewritten after the export?)")
-        pseudo = [label_of[sample_id] for sample_id in source[schema.SAMPLE_ID].to_pylist()]
-        parts.append(source.append_column(schema.LABEL, pa.array(pseudo, pa.int64())))
-    if not parts:
-        return pa.table({schema.SAMPLE_ID: pa.array([], pa.string()), schema.IMAGE: pa.array([], pa.binary()),
-                         schema.VIDEO: pa.array([], pa.string()), schema.FRAME: pa.array([], pa.int64()),
-                         schema.LABEL: pa.array([], pa.int64())})
-    return pa.concat_tables(parts, promote_options="default")
-
-
-def _cap_per_class(selected: list[tuple[str, pa.Table]], per_class: int, seed: int
-                   ) -> list[tuple[str, pa.Table]]:
-    labels = np.concatenate([table[PREDICTED].to_numpy() for _, table in selected]) if selected else np.zeros(0, int)
-    keep = np.zeros(len(labels), bool)
-    rng = np.random.default_rng(seed)
-    for label in range(schema.NUM_CLASSES):
-        rows = np.flatnonzero(labels == label)
-        keep[rng.permutation(rows)[:per_class]] = True
-    capped, offset = [], 0
-    for uri, table in selected:
-        mask = keep[offset:offset + table.num_rows]
-        offset += table.num_rows
-        if mask.any():
-            capped.append((uri, table.filter(pa.array(mask))))
-    return capped

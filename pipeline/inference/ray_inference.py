@@ -5,43 +5,20 @@ file per input file. Inputs already done by an earlier run with the same model a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import pyarrow as pa
 import ray.data
 from ray.data import ActorPoolStrategy
 
-from pipeline import config as typed
 from pipeline.config import ConfigError
-from pipeline import schema, storage
-from pipeline.inference import FrameModel, load_frame_model, predict_rows
-from pipeline.prediction_files import (PATH_COLUMN, FileCollector, InputFile, RowFilter, is_done)
+from pipeline.data import schema, storage
+from pipeline.inference.config import InferenceConfig
+from pipeline.inference.predict import FrameModel, load_frame_model, predict_rows
+from pipeline.inference.prediction_files import PATH_COLUMN, FileCollector, InputFile, RowFilter, is_done
 
 READ_COLUMNS = [schema.SAMPLE_ID, schema.IMAGE, schema.SOURCE, schema.SPLIT, schema.VIDEO,
                 schema.FRAME, schema.LABEL]
-
-
-@dataclass
-class InferenceConfig:
-    batch_size: int = 128
-    """Images per model call in each actor."""
-    actors: int = 1
-    """Size of the actor pool (each holds one copy of the model)."""
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    """GPUs per actor on GPU clusters (fractions share one GPU between actors)."""
-    threads: int = 1
-    """torch intra-op threads per actor."""
-    device: str = "auto"
-    """auto (CUDA when the actor has a GPU), cpu or cuda."""
-
-    def __post_init__(self) -> None:
-        typed.check(self.batch_size >= 1, "inference.batch_size", "must be at least 1")
-        typed.check(self.actors >= 1, "inference.actors", "must be at least 1")
-        typed.check(self.cpus_per_actor > 0, "inference.cpus_per_actor", "must be positive")
-        typed.check(self.gpus_per_actor >= 0, "inference.gpus_per_actor", "must be >= 0")
-        typed.check(self.device in ("auto", "cpu", "cuda"), "inference.device", "auto, cpu or cuda")
 
 
 class Predictor:
@@ -62,7 +39,8 @@ class Predictor:
 
 def check_pool_fits(settings: InferenceConfig, cluster_cpus: float) -> None:
     """Refuse an actor pool that would hold every CPU of the cluster: the read and filter tasks
-    feeding it would never get one, and the job would wait forever (RAY-2.60.md)."""
+    feeding it would never get one, and the job would wait forever (Ray Data does not take CPUs
+    back from an actor pool to run them)."""
     reserved = settings.actors * settings.cpus_per_actor
     if reserved >= cluster_cpus:
         raise ConfigError(
@@ -74,7 +52,7 @@ def check_pool_fits(settings: InferenceConfig, cluster_cpus: float) -> None:
 def connect(settings: InferenceConfig, dashboard: bool = False) -> None:
     """Join (or start) Ray and check the actor pool fits it: jobs call this before changing any
     output, so a pool that cannot run fails with a message instead of waiting forever."""
-    from pipeline.raydata import ensure_ray
+    from pipeline.data.ray_ingest import ensure_ray
 
     ensure_ray(dashboard=dashboard)
     check_pool_fits(settings, float(ray.cluster_resources().get("CPU", 0)))

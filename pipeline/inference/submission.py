@@ -1,4 +1,4 @@
-"""The ABAW EXPR test submission (METHODS.md): the list of frames to label, labels for frames without
+"""The ABAW EXPR test submission (docs/methods.md): the list of frames to label, labels for frames without
 a prediction filled from their video's nearest predicted frame, and writing and checking the file.
 """
 
@@ -9,8 +9,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline import schema, storage
-from pipeline.readers.affwild2 import ANNOTATION_SUFFIX, HEADER as ANNOTATION_HEADER
+from pipeline.data import schema, storage
+from pipeline.data.readers.affwild2 import ANNOTATION_SUFFIX
+from pipeline.data.readers.affwild2 import HEADER as ANNOTATION_HEADER
 
 HEADER = "image_location," + ",".join(schema.CLASS_NAMES)
 LOCATION_COLUMN = "image_location"

@@ -11,12 +11,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import metrics, schema, smoothing, storage
-from pipeline.inference import CONFIDENCE, DECODED, FEATURES, PREDICTED, PROBABILITY_COLUMNS
-from pipeline.prediction_files import write_table_atomic
+from pipeline.core import metrics, smoothing
+from pipeline.data import schema, storage
+from pipeline.data.schema import PREDICTED, RUN_ID
 
 SMOOTHED = "smoothed"
-RUN_ID = "run_id"
 VIDEOS_FOLDER = "videos"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=-]")
 
@@ -31,31 +30,6 @@ def in_frame_order(tables: list[pa.Table]) -> pa.Table:
         raise ValueError(f"{table[schema.VIDEO].null_count} frames have no video; "
                          "pass Aff-Wild2 shards only (or --sources affwild2)")
     return table.sort_by([(schema.VIDEO, "ascending"), (schema.FRAME, "ascending")])
-
-
-def apply_temporal(table: pa.Table, model: Any, config: Any) -> pa.Table:
-    """Replace the frame model's probabilities and labels by the temporal encoder's over each video
-    (frames in order, windows of `config.clip_length`); keeps the frame model's label as
-    `frame_predicted` and drops the features. Undecodable frames (no features) stay -1."""
-    from pipeline.temporal import FrameSequences, predict_sequences
-
-    decoded = table[DECODED].to_numpy(zero_copy_only=False)
-    width = table.schema.field(FEATURES).type.list_size
-    features = table[FEATURES].combine_chunks().flatten().to_numpy().reshape(table.num_rows, width)
-    probabilities = np.zeros((table.num_rows, schema.NUM_CLASSES), np.float32)
-    if decoded.any():
-        rows = np.flatnonzero(decoded)
-        sequences = FrameSequences(features[rows], np.full(rows.size, schema.NO_LABEL),
-                                   table[schema.VIDEO].to_numpy(zero_copy_only=False)[rows],
-                                   table[schema.FRAME].to_numpy()[rows], config.clip_length)
-        probabilities[rows] = predict_sequences(model, sequences, config.batch_clips, config.inference_stride)
-    predicted = np.where(decoded, probabilities.argmax(axis=1), schema.NO_LABEL)
-    table = table.drop_columns([FEATURES]).rename_columns(
-        [f"frame_{PREDICTED}" if name == PREDICTED else name for name in table.column_names if name != FEATURES])
-    for index, name in enumerate(PROBABILITY_COLUMNS):
-        table = table.set_column(table.column_names.index(name), name, pa.array(probabilities[:, index]))
-    table = table.append_column(PREDICTED, pa.array(predicted.astype(np.int64)))
-    return table.set_column(table.column_names.index(CONFIDENCE), CONFIDENCE, pa.array(probabilities.max(axis=1)))
 
 
 def add_smoothed(table: pa.Table, window: int, mode: str) -> pa.Table:
@@ -91,7 +65,7 @@ def write_videos(out: str, table: pa.Table, run_id: str) -> list[str]:
         if name in names:
             raise ValueError(f"videos {names[name]!r} and {videos[start]!r} map to the same file {name}")
         names[name] = str(videos[start])
-        write_table_atomic(storage.join(folder, name), table.slice(start, end - start))
+        storage.write_parquet_atomic(storage.join(folder, name), table.slice(start, end - start))
         written.append(f"{VIDEOS_FOLDER}/{name}")
     if storage.exists(folder):
         for stale in set(storage.list_dir(folder)) - set(names):

@@ -16,9 +16,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from pipeline import schema
-from pipeline.models import ModelConfig, create_model
-from pipeline.thresholds import ClassStatistics
+from pipeline.core.models import ModelConfig, create_model
+from pipeline.core.thresholds import ClassStatistics
+from pipeline.data import schema
 
 
 @dataclass

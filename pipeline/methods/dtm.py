@@ -16,15 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.ema import ModelEMA
-from pipeline.methods.base import (
-    Method, MethodContext, StepResult, TrainBatch, Views, build_optimizer, build_scheduler, cross_entropy,
-    register_method,
-)
-from pipeline.thresholds import (
-    ClassStatistics, DynamicThresholdModule, acceptance_histogram, class_statistics_correct,
-    select_pseudo_labels,
-)
+from pipeline.core.ema import ModelEMA
+from pipeline.core.thresholds import (ClassStatistics, DynamicThresholdModule, acceptance_histogram,
+                                      class_statistics_correct, select_pseudo_labels)
+from pipeline.methods.base import (Method, MethodContext, StepResult, TrainBatch, Views, build_optimizer,
+                                   build_scheduler, cross_entropy, register_method)
 
 UNLABELED_LOSSES = ("average", "stop_gradient")
 

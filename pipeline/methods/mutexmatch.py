@@ -14,14 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.methods.base import (
-    Method, MethodContext, StepResult, TrainBatch, Views, build_optimizer, build_scheduler, cross_entropy,
-    register_method,
-)
-from pipeline.thresholds import (
-    ADAPTIVE_SAMPLES, ClassStatistics, DynamicAdaptiveThreshold, PseudoLabels, acceptance_histogram,
-    select_pseudo_labels,
-)
+from pipeline.core.thresholds import (ADAPTIVE_SAMPLES, ClassStatistics, DynamicAdaptiveThreshold,
+                                      PseudoLabels, acceptance_histogram, select_pseudo_labels)
+from pipeline.methods.base import (Method, MethodContext, StepResult, TrainBatch, Views, build_optimizer,
+                                   build_scheduler, cross_entropy, register_method)
 
 
 @dataclass

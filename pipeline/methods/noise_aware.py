@@ -13,14 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline import schema
-from pipeline.methods.base import (
-    Method, MethodContext, StepResult, TrainBatch, Views, build_optimizer, build_scheduler, cross_entropy,
-    register_method,
-)
-from pipeline.thresholds import (
-    PREDICTED_SAMPLES, ClassMeanThreshold, ClassStatistics, class_statistics_predicted, select_clean_samples,
-)
+from pipeline.core.thresholds import (PREDICTED_SAMPLES, ClassMeanThreshold, ClassStatistics,
+                                      class_statistics_predicted, select_clean_samples)
+from pipeline.data import schema
+from pipeline.methods.base import (Method, MethodContext, StepResult, TrainBatch, Views, build_optimizer,
+                                   build_scheduler, cross_entropy, register_method)
 
 THRESHOLD_SCOPES = ("epoch", "batch")
 

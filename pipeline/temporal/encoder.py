@@ -1,4 +1,4 @@
-"""ABAW6 phase 2, the temporal refine (METHODS.md): a Transformer encoder over clips of frozen
+"""ABAW6 phase 2, the temporal refine (docs/methods.md): a Transformer encoder over clips of frozen
 per-frame features with a per-frame classifier; the clips it trains and predicts on, its loss, its
 trainer and its inference. Pure PyTorch: a distributed run passes `Collectives`, as the image loop does.
 """
@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from pipeline import schema
 from pipeline.config import check
+from pipeline.data import schema
 from pipeline.methods.base import Collectives
 from pipeline.training.loop import average_gradients
 
@@ -30,7 +30,7 @@ PADDING = -1
 @dataclass
 class TemporalConfig:
     clip_length: int = 64
-    """Frames per clip (METHODS.md: 64), in training and in the inference windows."""
+    """Frames per clip (the ABAW6 paper: 64; docs/methods.md), in training and in the inference windows."""
     model_dim: int = 256
     """Width of the encoder; per-frame features are projected to it."""
     layers: int = 2

@@ -1,7 +1,8 @@
-"""ABAW6 phase 2 around `pipeline.temporal`: the typed job config, the frozen frame model's stored
-features read back as train/validation `FrameSequences`, the training run (one process here; the
-Ray Train adapter is in `pipeline.distributed`) and the ablation rows: frame model, + temporal,
-each with and without smoothing. No Ray here.
+"""ABAW6 phase 2 around `pipeline.temporal.encoder`: the typed job config, the frozen frame model's
+stored features read back as train/validation `FrameSequences`, the training run (one process
+here; the Ray Train adapter is `pipeline.temporal.ray_train`), the ablation rows (frame model,
++ temporal, each with and without smoothing) and the encoder applied to a prediction table
+(`apply_temporal`, for `jobs.infer --temporal`). No Ray here.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import pyarrow as pa
 import torch
 
 from pipeline import config as typed
-from pipeline import metrics, schema, smoothing, storage
-from pipeline.batch_inference import InferenceConfig
-from pipeline.inference import FEATURES, PREDICTED, probabilities_of
+from pipeline.core import metrics, smoothing
+from pipeline.data import schema, storage
+from pipeline.data.schema import CONFIDENCE, DECODED, FEATURES, PREDICTED, PROBABILITY_COLUMNS
+from pipeline.inference.config import InferenceConfig
+from pipeline.inference.predict import probabilities_of
 from pipeline.methods.base import Collectives
-from pipeline.prediction_files import read_table
-from pipeline.temporal import FrameSequences, TemporalConfig, TemporalEncoder, TemporalTrainer, predict_sequences
+from pipeline.temporal.encoder import (FrameSequences, TemporalConfig, TemporalEncoder, TemporalTrainer,
+                                       predict_sequences)
 from pipeline.training.config import ScalingConfig, recipe_mapping
 
 CHECKPOINT = "temporal.pt"
@@ -115,7 +118,7 @@ def read_features(uris: list[str], subset: str) -> FeatureSet:
     undecodable frames are dropped (they have no features), their count is the caller's to report."""
     columns = [schema.VIDEO, schema.FRAME, schema.LABEL, schema.SPLIT, PREDICTED, FEATURES,
                *[f"probability_{name.lower()}" for name in schema.CLASS_NAMES]]
-    tables = [read_table(uri, columns) for uri in uris]
+    tables = [storage.read_parquet(uri, columns) for uri in uris]
     table = pa.concat_tables(tables) if tables else None
     if table is None or table.num_rows == 0:
         raise ValueError("no extracted features to read")
@@ -242,3 +245,26 @@ def fit(config: TemporalJobConfig, train: FeatureSet, validation: FeatureSet, fr
         save_checkpoint(folder, trainer, config, record["epoch"], frame_run_id, history)
         storage.write_json_atomic(storage.join(folder, METRICS), final)
     return final
+
+
+def apply_temporal(table: pa.Table, model: Any, config: Any) -> pa.Table:
+    """Replace the frame model's probabilities and labels by the temporal encoder's over each video
+    (frames in order, windows of `config.clip_length`); keeps the frame model's label as
+    `frame_predicted` and drops the features. Undecodable frames (no features) stay -1."""
+    decoded = table[DECODED].to_numpy(zero_copy_only=False)
+    width = table.schema.field(FEATURES).type.list_size
+    features = table[FEATURES].combine_chunks().flatten().to_numpy().reshape(table.num_rows, width)
+    probabilities = np.zeros((table.num_rows, schema.NUM_CLASSES), np.float32)
+    if decoded.any():
+        rows = np.flatnonzero(decoded)
+        sequences = FrameSequences(features[rows], np.full(rows.size, schema.NO_LABEL),
+                                   table[schema.VIDEO].to_numpy(zero_copy_only=False)[rows],
+                                   table[schema.FRAME].to_numpy()[rows], config.clip_length)
+        probabilities[rows] = predict_sequences(model, sequences, config.batch_clips, config.inference_stride)
+    predicted = np.where(decoded, probabilities.argmax(axis=1), schema.NO_LABEL)
+    table = table.drop_columns([FEATURES]).rename_columns(
+        [f"frame_{PREDICTED}" if name == PREDICTED else name for name in table.column_names if name != FEATURES])
+    for index, name in enumerate(PROBABILITY_COLUMNS):
+        table = table.set_column(table.column_names.index(name), name, pa.array(probabilities[:, index]))
+    table = table.append_column(PREDICTED, pa.array(predicted.astype(np.int64)))
+    return table.set_column(table.column_names.index(CONFIDENCE), CONFIDENCE, pa.array(probabilities.max(axis=1)))

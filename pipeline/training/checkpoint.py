@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import storage
+from pipeline.data import storage
 
 CHECKPOINT_FOLDER = "checkpoints"
 _NAME = re.compile(r"^epoch-(\d{4,})\.pt$")

@@ -14,8 +14,8 @@ from typing import Any
 import yaml
 
 from pipeline import config as typed
+from pipeline.core.models import ModelConfig
 from pipeline.methods.base import OptimizerConfig, find_method
-from pipeline.models import ModelConfig
 
 
 @dataclass

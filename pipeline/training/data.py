@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import schema, shards, split, storage
+from pipeline.data import schema, shards, split, storage
 
 
 @dataclass

@@ -11,7 +11,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pipeline import metrics, schema, smoothing
+from pipeline.core import metrics, smoothing
+from pipeline.data import schema
 from pipeline.training.data import ImageTable
 
 

@@ -1,13 +1,14 @@
 """The input path of a training step: CPU decode + weak geometry (uint8), then weak/strong views
-made on the device (PERF.md: uint8 crosses to the GPU, the heavy colour work runs batched there).
+made on the device (uint8 crosses to the GPU, a quarter of float32's bytes, and the heavy colour work runs batched
+there; BENCHMARKS.md, "Views").
 The unlabeled CPU part runs in this process or, on Ray Train, in Ray Data (`PoolViews`).
 """
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
 import abc
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from pipeline import schema, split, views
+from pipeline.core import views
+from pipeline.data import schema, split
 from pipeline.methods.base import TrainBatch, Views
 from pipeline.training.config import DataConfig
 from pipeline.training.data import ImageTable, UnlabeledStream
@@ -61,7 +63,7 @@ def evaluation_tensor(images: list[bytes], data: DataConfig, device: torch.devic
 class UnlabeledSource(abc.ABC):
     """Where a step's unlabeled images come from, already decoded and cropped (uint8 NHWC): read
     and decoded in this process (`DecodedStream`), or streamed from Ray Data workers that did the
-    decode and geometry (`pipeline.streaming.StreamedUnlabeled`)."""
+    decode and geometry (`pipeline.training.ray_train.StreamedUnlabeled`)."""
 
     @abc.abstractmethod
     def take_prepared(self, count: int, weak_view: views.WeakView, rng: np.random.Generator

@@ -18,12 +18,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pipeline import schema, storage
 from pipeline.config import ConfigError
+from pipeline.core.thresholds import ClassStatistics
+from pipeline.data import schema, storage
+from pipeline.data.pseudo_labels import read_accepted
+from pipeline.data.sampler import ClassBalancedSampler
 from pipeline.methods.base import Collectives, Method, MethodContext
-from pipeline.pseudolabels import read_accepted
-from pipeline.sampler import ClassBalancedSampler
-from pipeline.thresholds import ClassStatistics
 from pipeline.training import checkpoint
 from pipeline.training.config import TrainConfig, to_mapping
 from pipeline.training.data import ImageTable, UnlabeledStream, read_labeled, read_validation

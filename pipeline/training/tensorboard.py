@@ -10,7 +10,7 @@ import os
 import tempfile
 from typing import Any
 
-from pipeline import schema, storage
+from pipeline.data import schema, storage
 
 TENSORBOARD_FOLDER = "tensorboard"
 

@@ -6,7 +6,7 @@
   needs an AWS account and is not covered: the IAM role, subnets, security groups and key pair,
   resolving the AMI, and filling each node type's CPU/GPU/memory in from its instance type.
 - The KubeRay manifests are validated against the JSON Schemas generated from KubeRay's CRDs
-  (`../shared/schemas/kuberay` beside the checkout); the CEL rules of the CRDs
+  (`cluster/schemas/kuberay`, KubeRay v1.7; its README says which commit); the CEL rules of the CRDs
   (`x-kubernetes-validations`) are not evaluated, and nothing checks that the image exists.
 - Every check is also run on a broken copy, so each one is known to be able to fail.
 """
@@ -24,12 +24,12 @@ import jsonschema
 import pytest
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = REPO_ROOT / "cluster"
 AWS_CONFIG = CLUSTER / "aws-gpu.yaml"
 RAYCLUSTER = CLUSTER / "kuberay-raycluster.yaml"
 RAYJOB_INGEST = CLUSTER / "kuberay-rayjob-ingest.yaml"
-KUBERAY_SCHEMAS = REPO_ROOT.parent / "shared" / "schemas" / "kuberay"
+KUBERAY_SCHEMAS = CLUSTER / "schemas" / "kuberay"
 INGEST_ENTRYPOINT = ("python -m jobs.ingest ms1mv2 --root s3://YOUR-BUCKET/faces_emore "
                      "--out s3://YOUR-BUCKET/shards --fraction 0.3333 --seed 0")
 GPU_INSTANCE_FAMILIES = r"(g4dn|g5|g6|g6e|p3|p4d|p4de|p5)\."
@@ -149,9 +149,6 @@ def test_aws_config_rules_catch_broken_copies(change, problem):
 
 @pytest.fixture(scope="module")
 def kuberay_validators() -> dict[str, jsonschema.protocols.Validator]:
-    if not KUBERAY_SCHEMAS.is_dir():
-        pytest.skip(f"KubeRay schemas not found at {KUBERAY_SCHEMAS} "
-                    "(CI keeps the shared/ folder beside the checkout)")
     validators = {}
     for kind, name in (("RayCluster", "raycluster_v1.json"), ("RayJob", "rayjob_v1.json")):
         schema = json.loads((KUBERAY_SCHEMAS / name).read_text())

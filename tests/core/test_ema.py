@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.ema import ModelEMA, unwrap_model
+from pipeline.core.ema import ModelEMA, unwrap_model
 
 
 class FakeDistributed(nn.Module):

@@ -10,16 +10,9 @@ import numpy as np
 import pytest
 from sklearn import metrics as sklearn_metrics
 
-from pipeline import schema
-from pipeline.metrics import (
-    ClassificationReport,
-    ConfusionAccumulator,
-    accuracy,
-    classification_report,
-    confusion_matrix,
-    macro_f1,
-    per_class_f1,
-)
+from pipeline.core.metrics import (ClassificationReport, ConfusionAccumulator, accuracy,
+                                   classification_report, confusion_matrix, macro_f1, per_class_f1)
+from pipeline.data import schema
 
 # The -1 target (with its out-of-range-looking prediction 5) is left out, leaving
 # targets [0, 0, 1, 1, 2, 3] and predictions [0, 1, 1, 1, 0, 3]:
@@ -177,7 +170,7 @@ def test_torch_tensors_are_accepted():
 
 
 def test_pure_modules_import_no_ray_torch_or_sklearn():
-    code = ("import sys, pipeline.metrics, pipeline.smoothing; "
+    code = ("import sys, pipeline.core.metrics, pipeline.core.smoothing; "
             "print(sorted({'ray', 'torch', 'sklearn'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

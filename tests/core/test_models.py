@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.models import ModelConfig, WeightLoadError, create_model, read_state_dict
+from pipeline.core.models import ModelConfig, WeightLoadError, create_model, read_state_dict
 
 
 def tiny(**options) -> ModelConfig:

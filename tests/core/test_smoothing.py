@@ -8,14 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from pipeline.smoothing import (
-    BLOCK,
-    CENTRED,
-    TIE_RULE,
-    smooth_by_video,
-    smooth_labels,
-    smooth_probabilities,
-)
+from pipeline.core.smoothing import (BLOCK, CENTRED, TIE_RULE, smooth_by_video, smooth_labels,
+                                     smooth_probabilities)
 
 
 def smoothed(labels, window, mode=CENTRED, groups=None) -> list[int]:
@@ -265,6 +259,7 @@ def test_torch_tensors_are_accepted():
     assert smooth_probabilities(torch.eye(3)[[0, 0, 2]], 3).tolist() == [0, 0, 0]
 
 
+@pytest.mark.slow
 def test_speed_on_two_million_frames(capsys):
     rng = np.random.default_rng(4)
     size = 2_000_000

@@ -8,21 +8,11 @@ import math
 import pytest
 import torch
 
-from pipeline.thresholds import (
-    THRESHOLDS,
-    ClassMeanThreshold,
-    ClassStatistics,
-    DynamicAdaptiveThreshold,
-    DynamicThresholdModule,
-    FixedThreshold,
-    acceptance_histogram,
-    class_statistics_by_label,
-    class_statistics_correct,
-    class_statistics_predicted,
-    make_threshold,
-    select_clean_samples,
-    select_pseudo_labels,
-)
+from pipeline.core.thresholds import (THRESHOLDS, ClassMeanThreshold, ClassStatistics,
+                                      DynamicAdaptiveThreshold, DynamicThresholdModule, FixedThreshold,
+                                      acceptance_histogram, class_statistics_by_label,
+                                      class_statistics_correct, class_statistics_predicted, make_threshold,
+                                      select_clean_samples, select_pseudo_labels)
 
 
 def tensor(rows) -> torch.Tensor:

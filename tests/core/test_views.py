@@ -14,9 +14,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.auto_augment import rand_augment_transform
 from torchvision.transforms import functional as tv_functional
 
-from conftest import make_jpeg
-from pipeline import randaugment, views
 from pipeline.config import ConfigError, from_mapping
+from pipeline.core import randaugment, views
+
+from conftest import make_jpeg
 
 FILL = tuple(round(255 * value) for value in IMAGENET_DEFAULT_MEAN)
 FILL_UNIT = tuple(value / 255 for value in FILL)

@@ -10,9 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.data import images, ingest, schema, shards, storage
+from pipeline.data.readers.base import Batch, Plan, RowBuffer, Skip, SourceReader, SourceUnusable
+
 from conftest import make_jpeg
-from pipeline import images, ingest, schema, shards, storage
-from pipeline.readers.base import Batch, Plan, RowBuffer, Skip, SourceReader, SourceUnusable
 
 
 class ListReader(SourceReader):
@@ -178,7 +179,7 @@ def test_checksum_writer_matches_a_read_back(tmp_path):
 
 @pytest.mark.ray
 def test_ray_data_executor_matches_sequential(tmp_path, local_ray):
-    from pipeline.raydata import RayDataExecutor
+    from pipeline.data.ray_ingest import RayDataExecutor
 
     units = make_units(count=4, missing={(1, 1)})
     sequential = ingest.ingest(ListReader(units), str(tmp_path / "sequential"), progress=False)
@@ -191,7 +192,7 @@ def test_ray_data_executor_matches_sequential(tmp_path, local_ray):
 
 @pytest.mark.ray
 def test_ray_data_executor_surfaces_a_failing_unit(tmp_path, local_ray):
-    from pipeline.raydata import RayDataExecutor
+    from pipeline.data.ray_ingest import RayDataExecutor
 
     with pytest.raises(Exception, match="storage went away"):
         ingest.ingest(ListReader(make_units(), fail_on_unit=2), str(tmp_path), RayDataExecutor(),

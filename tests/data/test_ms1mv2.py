@@ -10,11 +10,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.data import ingest, recordio, schema, shards
+from pipeline.data.readers import ms1mv2 as ms1mv2_module
+from pipeline.data.readers.base import SourceUnusable
+from pipeline.data.readers.ms1mv2 import Ms1mv2Reader
+
 from conftest import make_jpeg
-from pipeline import ingest, recordio, schema, shards
-from pipeline.readers import ms1mv2 as ms1mv2_module
-from pipeline.readers.base import SourceUnusable
-from pipeline.readers.ms1mv2 import Ms1mv2Reader
 
 MAGIC = struct.pack("<I", recordio.MAGIC)
 

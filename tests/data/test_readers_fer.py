@@ -13,19 +13,19 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import schema, storage
-from pipeline import ingest as ingest_module
+from pipeline.data import ingest as ingest_module
+from pipeline.data import schema, storage
 
 
 def ingest(reader, out, **options):
     """These corpora are mostly damage on purpose: allow any skip fraction."""
     return ingest_module.ingest(reader, out, max_skipped_fraction=1.0, **options)
-from pipeline.readers.affectnet import AffectNetReader
-from pipeline.readers.affwild2 import HEADER, AffWild2Reader
-from pipeline.readers.base import SourceUnusable
-from pipeline.readers.expw import ExpWReader
-from pipeline.readers.files import read_files
-from pipeline.shards import MANIFEST_NAME, Manifest
+from pipeline.data.readers.affectnet import AffectNetReader
+from pipeline.data.readers.affwild2 import HEADER, AffWild2Reader
+from pipeline.data.readers.base import SourceUnusable
+from pipeline.data.readers.expw import ExpWReader
+from pipeline.data.readers.files import read_files
+from pipeline.data.shards import MANIFEST_NAME, Manifest
 
 RED = (220, 20, 20)
 BLUE = (20, 20, 220)

@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from pipeline import recordio
+from pipeline.data import recordio
 
 MAGIC = struct.pack("<I", 0xCED7230A)
 

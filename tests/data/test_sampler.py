@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.sampler import ClassBalancedSampler
+from pipeline.data.sampler import ClassBalancedSampler
 
 # Class sizes 50, 3, 20, 7, 1, 100, 9 and no Other, plus a few -1 items.
 SIZES = [50, 3, 20, 7, 1, 100, 9, 0]

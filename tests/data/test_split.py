@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import schema, shards, split
+from pipeline.data import schema, shards, split
 
 PER_CLASS = 6
 AFFWILD2_TRAIN = [12, 9, 8, 3, 15, 10, 8, 7]  # Fear is short of PER_CLASS

@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 
-from pipeline import schema
-from pipeline.demo.corpus import DemoCorpusConfig, PRESETS, video_timeline, write_demo_corpus
+from pipeline.data import schema
+from pipeline.demo.corpus import PRESETS, DemoCorpusConfig, video_timeline, write_demo_corpus
 
 
 def test_video_labels_persist_over_runs_with_blended_transitions():
@@ -40,6 +41,7 @@ def test_class_shares_are_imbalanced_like_fer():
     assert shares[4] > 3 * shares[3] and shares[0] > 3 * shares[2]  # Happy >> Fear, Neutral >> Disgust
 
 
+@pytest.mark.slow
 def test_tiny_corpus_files_in_the_real_layouts(tmp_path):
     counts = write_demo_corpus(str(tmp_path), PRESETS["tiny"]).counts
     assert set(counts) == set(schema.SOURCES)

@@ -10,14 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.demo.faces import (
-    EXPRESSION_NAMES,
-    NUM_EXPRESSIONS,
-    Conditions,
-    Identity,
-    expression_weights,
-    render_face,
-)
+from pipeline.demo.faces import (EXPRESSION_NAMES, NUM_EXPRESSIONS, Conditions, Identity, expression_weights,
+                                 render_face)
 
 
 def _pixels(image: Image.Image) -> np.ndarray:
@@ -236,6 +230,7 @@ def _ridge_accuracy(features: np.ndarray, labels: np.ndarray, penalty: float = 1
     return float((predictions == labels[~train]).mean())
 
 
+@pytest.mark.slow
 def test_expressions_are_learnable_but_not_trivial() -> None:
     started = time.perf_counter()
     features, labels = _learnability_data(difficulty=1.0, per_class=120, seed=0)

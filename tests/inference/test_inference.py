@@ -17,21 +17,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import build_tiny_split, make_jpeg
-from pipeline import schema, shards, smoothing, split, storage, submission
-from pipeline.inference import (CONFIDENCE, DECODED, FEATURES, PREDICTED, load_frame_model,
-                                predict_rows, probabilities_of, resolve_checkpoint)
-from pipeline.prediction_files import (PATH_COLUMN, FileCollector, InputFile, RowFilter, is_done,
-                                       read_table)
-from pipeline.pseudolabels import ACCEPTED, THRESHOLD, mark_accepted, read_accepted, summarise
+from pipeline.core import smoothing
+from pipeline.data import schema, shards, split, storage
+from pipeline.data.pseudo_labels import read_accepted
+from pipeline.data.schema import ACCEPTED, CONFIDENCE, DECODED, FEATURES, PREDICTED, THRESHOLD
+from pipeline.inference import submission
+from pipeline.inference.predict import load_frame_model, predict_rows, probabilities_of, resolve_checkpoint
+from pipeline.inference.prediction_files import PATH_COLUMN, FileCollector, InputFile, RowFilter, is_done
+from pipeline.inference.pseudo_labels import mark_accepted, summarise
+from pipeline.inference.videos import SMOOTHED, add_smoothed, video_file, write_videos
 from pipeline.training import checkpoint
 from pipeline.training.config import load_config
 from pipeline.training.data import read_validation
 from pipeline.training.evaluate import predict_table
 from pipeline.training.loop import Trainer
-from pipeline.video_predictions import SMOOTHED, add_smoothed, video_file, write_videos
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import build_tiny_split, make_jpeg
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def config_mapping(split_dir: str, storage_folder: str) -> dict:
@@ -58,6 +61,7 @@ def trained(tmp_path_factory):
 
 # ------------------------------------------------------------------ checkpoints and predict_rows
 
+@pytest.mark.slow
 def test_resolve_checkpoint_finds_every_layout(trained, tmp_path):
     run = trained["run"]
     newest = resolve_checkpoint(run)
@@ -74,6 +78,7 @@ def test_resolve_checkpoint_finds_every_layout(trained, tmp_path):
         resolve_checkpoint(str(tmp_path / "missing.pt"))
 
 
+@pytest.mark.slow
 def test_predict_rows_equals_the_trainers_own_prediction(trained):
     model = load_frame_model(trained["run"])
     assert model.run_id == "frame@epoch-0002" and model.epoch == 2
@@ -81,7 +86,7 @@ def test_predict_rows_equals_the_trainers_own_prediction(trained):
     assert trainer.resume_if_possible()
     validation = read_validation(trained["split"])
     expected = predict_table(validation, trainer.method.predict, trainer.inputs.evaluation_images, 64)
-    table = pa.concat_tables([read_table(uri) for uri in shards.Manifest.load(
+    table = pa.concat_tables([storage.read_parquet(uri) for uri in shards.Manifest.load(
         storage.join(trained["split"], split.VALIDATION)).file_uris(storage.join(trained["split"], split.VALIDATION))])
     rows = predict_rows(model, table)
     assert rows[schema.SAMPLE_ID].to_pylist() == validation.sample_ids
@@ -94,6 +99,7 @@ def test_predict_rows_equals_the_trainers_own_prediction(trained):
     assert np.allclose(thresholds, trainer.method.thresholds().double().numpy())
 
 
+@pytest.mark.slow
 def test_features_come_with_the_same_probabilities_and_undecodable_rows_are_kept(trained):
     model = load_frame_model(trained["run"])
     images = [make_jpeg(index, (40, 40)) for index in range(5)]
@@ -214,7 +220,7 @@ def test_infer_equals_single_process_prediction_and_writes_the_submission(uninte
     out, manifest = uninterrupted
     model = load_frame_model(trained["run"])
     shard_folder = f"{trained['shards']}/{schema.AFFWILD2}"
-    frames = pa.concat_tables([read_table(uri) for uri in shards.Manifest.load(shard_folder).file_uris(shard_folder)])
+    frames = pa.concat_tables([storage.read_parquet(uri) for uri in shards.Manifest.load(shard_folder).file_uris(shard_folder)])
     expected = predict_rows(model, frames)
     expected_by_id = dict(zip(expected[schema.SAMPLE_ID].to_pylist(), probabilities_of(expected)))
 
@@ -232,7 +238,7 @@ def test_infer_equals_single_process_prediction_and_writes_the_submission(uninte
         assert table[SMOOTHED].to_pylist() == smoothing.smooth_labels(table[PREDICTED].to_numpy(), 5).tolist()
 
     # Labeled input: macro-F1 raw and smoothed, as the metrics module computes them.
-    from pipeline import metrics
+    from pipeline.core import metrics
 
     targets = combined[schema.LABEL].to_numpy()
     assert manifest["scores"]["raw"]["macro_f1"] == pytest.approx(
@@ -257,7 +263,7 @@ def test_infer_equals_single_process_prediction_and_writes_the_submission(uninte
 CRASHING_RUN = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {root!r})
-    from pipeline import prediction_files
+    from pipeline.inference import prediction_files
     original = prediction_files.FileCollector._write
     def write_then_die(self, item):
         original(self, item)
@@ -310,7 +316,7 @@ def test_pseudolabel_export_resumes_by_shard_and_feeds_training(local_ray, train
     assert pseudolabel.main(arguments) == 0
     manifest = storage.read_json(os.path.join(out, "_manifest.json"))
     pool = split.load_unlabeled_pool(trained["split"])
-    tables = [read_table(os.path.join(out, entry["path"])) for entry in manifest["files"]]
+    tables = [storage.read_parquet(os.path.join(out, entry["path"])) for entry in manifest["files"]]
     combined = pa.concat_tables(tables)
     assert combined.num_rows == manifest["rows"] == pool.rows
     assert not set(combined[schema.SAMPLE_ID].to_pylist()) & set(pool.excluded_ids.to_pylist())
@@ -362,6 +368,7 @@ def test_row_filter_selects_pool_and_subsets():
 
 
 
+@pytest.mark.slow
 def test_checkpoints_with_retired_config_keys_still_load_but_recipes_refuse_them(trained, tmp_path):
     from pipeline.config import ConfigError
 
@@ -383,8 +390,9 @@ def torch_save(state: dict, path) -> None:
 
 
 def test_an_actor_pool_that_would_hold_every_cpu_is_refused():
-    from pipeline.batch_inference import InferenceConfig, check_pool_fits
     from pipeline.config import ConfigError
+    from pipeline.inference.config import InferenceConfig
+    from pipeline.inference.ray_inference import check_pool_fits
 
     check_pool_fits(InferenceConfig(actors=2, cpus_per_actor=0.5), cluster_cpus=2)
     with pytest.raises(ConfigError, match="leave at least one CPU"):

@@ -9,19 +9,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from pipeline import schema
-from pipeline.submission import (
-    FALLBACK_RULE,
-    FILL_RULE,
-    HEADER,
-    FillReport,
-    fill_labels,
-    frame_list_from_annotations,
-    parse_location,
-    read_frame_list,
-    read_submission,
-    write_submission,
-)
+from pipeline.data import schema
+from pipeline.inference.submission import (FALLBACK_RULE, FILL_RULE, HEADER, FillReport, fill_labels,
+                                           frame_list_from_annotations, parse_location, read_frame_list,
+                                           read_submission, write_submission)
 
 
 def test_header_is_the_organisers_literal_line():

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import schema
+from pipeline.data import schema
 from pipeline.demo.corpus import DemoCorpusConfig, write_demo_corpus
+
 from ray_head import checked_ray_head
 
 pytestmark = pytest.mark.ray
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 JOB_TIMEOUT_SECONDS = 180
 MAX_UPLOAD_MIB = 5.0
 """The working dir upload is the source tree only (.gitignore keeps .venv, demo_run... out)."""

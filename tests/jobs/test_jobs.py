@@ -10,9 +10,9 @@ import pytest
 from jobs import demo as demo_job
 from jobs import ingest as ingest_job
 from jobs import split as split_job
-from pipeline import schema, shards
+from pipeline.data import schema, shards
+from pipeline.data.split import load_split
 from pipeline.demo.corpus import PRESETS, write_demo_corpus
-from pipeline.split import load_split
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +22,7 @@ def tiny_corpus(tmp_path_factory):
     return str(folder), corpus.counts
 
 
+@pytest.mark.slow
 def test_ingest_and_split_commands(tiny_corpus, tmp_path, capsys):
     root, counts = tiny_corpus
     out = tmp_path / "shards"
@@ -42,6 +43,7 @@ def test_ingest_and_split_commands(tiny_corpus, tmp_path, capsys):
     assert "per class" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_ms1mv2_fraction_and_seed(tiny_corpus, tmp_path):
     root, counts = tiny_corpus
     arguments = ["ms1mv2", "--root", os.path.join(root, "ms1mv2"), "--executor", "local",

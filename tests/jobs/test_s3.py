@@ -9,11 +9,11 @@ import socket
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import ingest, schema, shards, storage
+from pipeline.data import ingest, schema, shards, storage
+from pipeline.data.readers import make_reader
+from pipeline.data.readers.base import SourceUnusable
+from pipeline.data.split import load_split, make_split
 from pipeline.demo.corpus import DemoCorpusConfig, write_demo_corpus
-from pipeline.readers import make_reader
-from pipeline.readers.base import SourceUnusable
-from pipeline.split import load_split, make_split
 
 pytestmark = pytest.mark.s3
 
@@ -119,9 +119,9 @@ def test_split_from_and_to_s3(corpus, s3_server):
 
 @pytest.mark.ray
 def test_ray_data_ingest_on_s3(corpus, s3_server):
-    from pipeline.raydata import RayDataExecutor, ensure_ray
-
     import ray
+
+    from pipeline.data.ray_ingest import RayDataExecutor, ensure_ray
 
     ensure_ray(num_cpus=2)  # after the fixture set AWS_ENDPOINT_URL: workers inherit it
     try:
@@ -173,11 +173,11 @@ def test_distributed_training_checkpoints_to_s3_and_resumes(corpus, s3_server):
 
     import ray
 
-    from pipeline.distributed import WORKER_CHECKPOINT_FOLDER, build_trainer, registered_epochs
-    from pipeline.raydata import ensure_ray
+    from pipeline.data.ray_ingest import ensure_ray
     from pipeline.training import checkpoint
     from pipeline.training.config import load_config
     from pipeline.training.loop import FINAL_METRICS, METRICS_LINES, worker_metrics_uri
+    from pipeline.training.ray_train import WORKER_CHECKPOINT_FOLDER, build_trainer, registered_epochs
 
     shards_root, split_dir = ingest_and_split(corpus, s3_server, "dist")
     steps, workers = 2, 2
@@ -250,8 +250,8 @@ def test_inference_and_pseudo_labels_read_and_write_s3(corpus, s3_server):
     import ray
 
     from jobs import infer, pseudolabel
-    from pipeline.raydata import ensure_ray
-    from pipeline.split import load_unlabeled_pool
+    from pipeline.data.ray_ingest import ensure_ray
+    from pipeline.data.split import load_unlabeled_pool
     from pipeline.training.config import load_config
     from pipeline.training.loop import Trainer
 

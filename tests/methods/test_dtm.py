@@ -11,10 +11,9 @@ import torch
 
 from pipeline.methods.base import OptimizerConfig, TrainBatch
 from pipeline.methods.dtm import DynamicThresholdOptions, DynamicThresholdSSL
-from synthetic import (
-    CLASSES, FixedLogits, accuracy, build_method, colour_blob_batch, colour_blob_problem, save_and_load,
-    seeded_batch, train,
-)
+
+from synthetic import (CLASSES, FixedLogits, accuracy, build_method, colour_blob_batch, colour_blob_problem,
+                       save_and_load, seeded_batch, train)
 
 # DTM on the test ResNet (Adam, lr 1e-3); batches of 8 labeled and 12 unlabeled noise images.
 build = partial(build_method, DynamicThresholdSSL)
@@ -161,6 +160,7 @@ def test_state_round_trip_reproduces_the_next_step(unlabeled_loss):
             assert torch.equal(value, twin_state[name]), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unlabeled_loss", ["average", "stop_gradient"])
 def test_learns_a_tiny_problem_and_accepts_pseudo_labels(unlabeled_loss):
     """Seeds 0-5 reached 0.79-0.99 (average) and 0.85-0.99 (stop_gradient) held-out accuracy

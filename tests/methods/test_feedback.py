@@ -14,10 +14,9 @@ from torch.nn import functional
 
 from pipeline.methods.base import Collectives, OptimizerConfig, TrainBatch
 from pipeline.methods.feedback import DebiasedFeedback, DebiasedFeedbackOptions
-from synthetic import (
-    CLASSES, FixedLogits, accuracy, build_method, colour_blob_batch, colour_blob_problem, save_and_load,
-    seeded_batch, train,
-)
+
+from synthetic import (CLASSES, FixedLogits, accuracy, build_method, colour_blob_batch, colour_blob_problem,
+                       save_and_load, seeded_batch, train)
 
 SGD = OptimizerConfig(name="sgd", lr=0.01, momentum=0.0)
 # The teacher is the first network made: build([stub]) makes the stub the teacher.
@@ -214,6 +213,7 @@ def test_state_round_trip_reproduces_the_next_step():
             assert torch.equal(value, twin_state[name]), name
 
 
+@pytest.mark.slow
 def test_the_student_learns_a_tiny_problem_from_the_teachers_pseudo_labels_alone():
     """The student never sees a label: it learns only through the teacher. Seeds 0-5 reached
     0.87-0.99 held-out accuracy (chance 0.25) in 80 steps; 0.6 leaves room."""

@@ -10,14 +10,17 @@ import io
 import pytest
 import torch
 
+from pipeline.core.models import ModelConfig
+from pipeline.core.thresholds import ClassStatistics
 from pipeline.methods import METHODS, find_method
 from pipeline.methods.base import MethodContext, OptimizerConfig, StepResult, TrainBatch
-from pipeline.models import ModelConfig
-from pipeline.thresholds import ClassStatistics
 
 # Methods tied to one model family; every other method runs on timm's tiny test ResNet.
 BACKBONE = {"vgg_baseline": "vgg11"}
 SIZE = {"vgg_baseline": 32}
+# A VGG, even vgg11 at 32 px, takes seconds a step on a CPU: its cases run with the slow tests.
+METHOD_NAMES = [pytest.param(name, marks=pytest.mark.slow) if name in BACKBONE else name
+                for name in sorted(METHODS)]
 
 
 def build(name: str, seed: int = 0):
@@ -50,7 +53,7 @@ def test_unknown_method_lists_the_known_ones():
         find_method("fixmatch2")
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", METHOD_NAMES)
 def test_one_step_changes_the_evaluation_model(name):
     method = build(name)
     assert dataclasses.is_dataclass(method.Options)
@@ -67,7 +70,7 @@ def test_one_step_changes_the_evaluation_model(name):
         assert result.accepted.shape == (8,) and result.candidates > 0
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", METHOD_NAMES)
 def test_thresholds_follow_the_interface(name):
     method = build(name)
     probabilities = torch.softmax(torch.randn(12, 8), dim=1)
@@ -83,7 +86,7 @@ def test_thresholds_follow_the_interface(name):
     assert method.thresholds().shape == (8,)
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", METHOD_NAMES)
 def test_state_round_trip_reproduces_the_next_step(name):
     method = build(name)
     method.train_step(make_batch(name, seed=1), step=0)

@@ -8,16 +8,14 @@ import math
 import pytest
 import torch
 
+from pipeline.core.thresholds import ClassStatistics
 from pipeline.methods.base import OptimizerConfig, TrainBatch, find_method
-from pipeline.methods.mutexmatch import (
-    MutexMatch, MutexMatchOptions, complementary_labels, negative_consistency_loss,
-    random_complementary_labels, split_by_confidence, top_k_mask,
-)
-from pipeline.thresholds import ClassStatistics
-from synthetic import (
-    CLASSES, StubBackbone, StubContext, make_context, random_batch, resume_and_step, train_and_score,
-)
+from pipeline.methods.mutexmatch import (MutexMatch, MutexMatchOptions, complementary_labels,
+                                         negative_consistency_loss, random_complementary_labels,
+                                         split_by_confidence, top_k_mask)
 
+from synthetic import (CLASSES, StubBackbone, StubContext, make_context, random_batch, resume_and_step,
+                       train_and_score)
 
 # ------------------------------------------------------------------------------ pure pieces
 
@@ -240,6 +238,7 @@ def test_state_dict_round_trip_reproduces_the_next_step():
 
 # --------------------------------------------------------------------------- learning check
 
+@pytest.mark.slow
 def test_learns_colour_blobs_from_few_labels():
     # Seeds 0-5 reach 0.92, 0.83, 0.81, 0.91, 0.64, 0.99 (one thread); chance is 0.25.
     # 60 steps on 8 labeled and 50 unlabeled blobs per class, a threshold pass every 20 steps.

@@ -10,13 +10,12 @@ import pytest
 import torch
 
 from pipeline.methods.base import OptimizerConfig, TrainBatch, find_method
-from pipeline.methods.noise_aware import (
-    NoiseAware, NoiseAwareOptions, class_activation_maps, flipped_view_consistency, rank_regularization,
-    weighted_cross_entropy,
-)
-from synthetic import (
-    CLASSES, StubBackbone, StubContext, make_context, random_batch, resume_and_step, train_and_score,
-)
+from pipeline.methods.noise_aware import (NoiseAware, NoiseAwareOptions, class_activation_maps,
+                                          flipped_view_consistency, rank_regularization,
+                                          weighted_cross_entropy)
+
+from synthetic import (CLASSES, StubBackbone, StubContext, make_context, random_batch, resume_and_step,
+                       train_and_score)
 
 
 def test_registered_with_its_views():
@@ -258,11 +257,13 @@ def score_on_blobs(flipped: float) -> float:
                            labeled_strong=True, thresholds=True)
 
 
+@pytest.mark.slow
 def test_learns_colour_blobs():
     # Seeds 0-5 reach 0.98, 0.88, 1.0, 0.995, 0.895, 0.99 (one thread); chance is 0.25.
     assert score_on_blobs(flipped=0.0) >= 0.6
 
 
+@pytest.mark.slow
 def test_learns_colour_blobs_with_30_percent_flipped_labels():
     # Seeds 0-5 reach 0.615, 0.785, 0.905, 0.565, 0.79, 0.905 (one thread); chance is 0.25.
     assert score_on_blobs(flipped=0.3) >= 0.45

@@ -10,6 +10,7 @@ from torch import nn
 
 from pipeline.methods.base import MethodContext, OptimizerConfig, find_method
 from pipeline.methods.vgg_baseline import VggBaseline, VggBaselineOptions
+
 from synthetic import CLASSES, make_context, random_batch, resume_and_step, train_and_score
 
 
@@ -34,6 +35,7 @@ def test_registered_with_labeled_weak_only():
     assert not (views.labeled_strong or views.unlabeled or views.unlabeled_strong)
 
 
+@pytest.mark.slow
 def test_vgg16_trains_exactly_its_three_fc_layers_at_32_pixels():
     torch.manual_seed(0)
     context = make_context("vgg16", total_steps=10, optimizer=OptimizerConfig())
@@ -105,6 +107,7 @@ def test_state_dict_round_trip_reproduces_the_next_step():
 
 # --------------------------------------------------------------------------- learning check
 
+@pytest.mark.slow
 def test_learns_colour_blobs_on_frozen_convolutions():
     # Seeds 0-5 reach 0.815, 0.85, 0.86, 0.82, 0.735, 0.585 (one thread); chance is 0.25.
     # The FC layers on frozen random convolutions, 150 steps on 8 labeled blobs per class.

@@ -13,17 +13,10 @@ import torch
 from torch.nn import functional
 
 from pipeline.config import ConfigError, from_mapping
+from pipeline.core.metrics import macro_f1
 from pipeline.methods.base import Collectives
-from pipeline.metrics import macro_f1
-from pipeline.temporal import (
-    PADDING,
-    FrameSequences,
-    TemporalConfig,
-    TemporalEncoder,
-    TemporalTrainer,
-    masked_cross_entropy,
-    predict_sequences,
-)
+from pipeline.temporal.encoder import (PADDING, FrameSequences, TemporalConfig, TemporalEncoder,
+                                       TemporalTrainer, masked_cross_entropy, predict_sequences)
 
 TINY = dict(clip_length=16, model_dim=16, layers=1, heads=2, feedforward_dim=32, batch_clips=4)
 
@@ -240,6 +233,7 @@ def synthetic_videos(rng: np.random.Generator, videos: int, length: int, prototy
             np.concatenate(frames))
 
 
+@pytest.mark.slow
 def test_temporal_model_beats_a_per_frame_classifier_on_noisy_runs():
     rng = np.random.default_rng(0)
     prototypes = rng.normal(size=(8, 16))

@@ -10,16 +10,17 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import build_tiny_split
-from pipeline import metrics, schema, shards, smoothing
-from pipeline.inference import load_frame_model, predict_rows
-from pipeline.prediction_files import read_table
-from pipeline.temporal_training import CHECKPOINT, METRICS, METRICS_LINES, load_temporal_model
+from pipeline.core import metrics, smoothing
+from pipeline.data import schema, shards, storage
+from pipeline.inference.predict import load_frame_model, predict_rows
+from pipeline.temporal.training import CHECKPOINT, METRICS, METRICS_LINES, load_temporal_model
 from pipeline.training.config import load_config
 from pipeline.training.loop import Trainer
 
+from conftest import build_tiny_split
+
 pytestmark = pytest.mark.ray
-RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "recipes",
+RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "jobs", "recipes",
                       "demo_temporal.yaml")
 
 
@@ -45,7 +46,7 @@ def overrides(frame_run, name: str, *extra: str) -> list[str]:
 
 def validation_frames(frame_run) -> pa.Table:
     folder = frame_run["shards"]
-    table = pa.concat_tables([read_table(uri) for uri in shards.Manifest.load(folder).file_uris(folder)])
+    table = pa.concat_tables([storage.read_parquet(uri) for uri in shards.Manifest.load(folder).file_uris(folder)])
     return table.filter(pa.compute.equal(table[schema.SPLIT], schema.VALIDATION))
 
 
@@ -87,7 +88,7 @@ def test_temporal_job_writes_the_ablation_and_resumes(local_ray, frame_run, tmp_
         manifest = json.load(handle)
     assert manifest["scores"]["raw"]["macro_f1"] == pytest.approx(final["ablation"]["temporal"])
     assert manifest["scores"]["smoothed"]["macro_f1"] == pytest.approx(final["ablation"]["temporal+smoothing"])
-    video = pa.concat_tables([read_table(os.path.join(out, "videos", name))
+    video = pa.concat_tables([storage.read_parquet(os.path.join(out, "videos", name))
                               for name in os.listdir(os.path.join(out, "videos"))])
     assert "frame_predicted" in video.column_names and "features" not in video.column_names
     probabilities = np.stack([video[f"probability_{name.lower()}"].to_numpy() for name in schema.CLASS_NAMES], 1)

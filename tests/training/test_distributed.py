@@ -18,15 +18,15 @@ import torch.multiprocessing as multiprocessing
 import yaml
 from torch import nn
 
-from conftest import build_tiny_split
 from jobs import train as train_job
-from pipeline import split
-from pipeline.distributed import TorchCollectives, WorkerKill, build_trainer
+from pipeline.data import split
 from pipeline.training import checkpoint
 from pipeline.training.config import load_config
-from pipeline.training.loop import (
-    METRICS_LINES, Trainer, average_gradients, synchronize_replicas, worker_metrics_uri,
-)
+from pipeline.training.loop import (METRICS_LINES, Trainer, average_gradients, synchronize_replicas,
+                                    worker_metrics_uri)
+from pipeline.training.ray_train import TorchCollectives, WorkerKill, build_trainer
+
+from conftest import build_tiny_split
 
 WORKERS = 2
 STEPS = 3
@@ -141,6 +141,7 @@ def _collectives_worker(rank: int, world_size: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_torch_collectives_in_a_two_process_gloo_group(tmp_path):
     multiprocessing.spawn(_collectives_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank-{rank}.pt", weights_only=False) for rank in range(2)]

@@ -8,10 +8,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import build_tiny_split, make_jpeg
-from pipeline import schema, split
+from pipeline.data import schema, split
 from pipeline.training.config import DataConfig, load_config
 from pipeline.training.inputs import PREPARED_OK, PREPARED_PIXELS, PoolViews
+
+from conftest import build_tiny_split, make_jpeg
 
 
 def pool_table(ids, sources, splits, images) -> pa.Table:
@@ -42,7 +43,7 @@ def test_pool_views_keep_pool_rows_and_flag_undecodable_ones():
 
 @pytest.mark.ray
 def test_stream_runs_whole_passes_and_resumes_at_a_pass_boundary(local_ray):
-    from pipeline.streaming import StreamedUnlabeled
+    from pipeline.training.ray_train import StreamedUnlabeled
 
     items = [{PREPARED_PIXELS: np.full((4, 4, 3), index, np.uint8), PREPARED_OK: index != 3}
              for index in range(10)]
@@ -74,7 +75,7 @@ def test_stream_runs_whole_passes_and_resumes_at_a_pass_boundary(local_ray):
 
 @pytest.mark.ray
 def test_pool_dataset_streams_exactly_the_pool(local_ray, tmp_path):
-    from pipeline.streaming import StreamedUnlabeled, unlabeled_dataset
+    from pipeline.training.ray_train import StreamedUnlabeled, unlabeled_dataset
 
     split_dir = build_tiny_split(tmp_path)
     config = load_config(base={"method": "dtm", "data": {"split": split_dir, "image_size": 24,

@@ -20,17 +20,18 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import distributed, ingest, schema
+from pipeline.data import ingest, schema
+from pipeline.data.readers import make_reader
+from pipeline.data.split import make_split
 from pipeline.demo.corpus import PRESETS, write_demo_corpus
-from pipeline.readers import make_reader
-from pipeline.split import make_split
-from pipeline.training import checkpoint
+from pipeline.training import checkpoint, ray_train
 from pipeline.training.loop import FINAL_METRICS, METRICS_LINES, worker_metrics_uri
+
 from ray_head import checked_ray_head
 
 pytestmark = pytest.mark.ray
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPE = "jobs/recipes/demo_abaw5_dtm.yaml"
 RUN_NAME = "demo_abaw5_dtm"  # run.name in the recipe
 HEAD_CPUS = 2
@@ -111,13 +112,13 @@ def test_distributed_training_runs_under_ray_job_submit(ray_head, tiny_split, tm
     run = storage / RUN_NAME
     # Ray's checkpoint for epoch 1, registered by the controller, holding rank 0's full state and
     # rank 1's own part; the adapter leaves checkpoints to Ray (no <run>/checkpoints/ of its own).
-    assert distributed.registered_epochs(str(run)) == [1]
+    assert ray_train.registered_epochs(str(run)) == [1]
     folders = sorted(path for path in run.glob("checkpoint_*") if path.is_dir())
     assert len(folders) == 1, folders
     assert checkpoint.list_checkpoints(str(folders[0])) == [1]
     state = checkpoint.load(checkpoint.latest(str(folders[0])))  # weights_only=True
     assert state["epoch"] == 1 and state["global_step"] == STEPS
-    assert (folders[0] / distributed.WORKER_CHECKPOINT_FOLDER / "rank-0001.pt").is_file()
+    assert (folders[0] / ray_train.WORKER_CHECKPOINT_FOLDER / "rank-0001.pt").is_file()
     assert not (run / checkpoint.CHECKPOINT_FOLDER).exists()
 
     # The metrics the Trainer writes: metrics.jsonl and metrics.json from rank 0, one
@@ -147,7 +148,7 @@ def test_distributed_training_runs_under_ray_job_submit(ray_head, tiny_split, tm
 def test_inference_and_pseudo_label_export_run_under_ray_job_submit(ray_head, tiny_split, tmp_path):
     """One submitted job runs jobs.pseudolabel then jobs.infer (actor pools on the head) on a run
     trained here; both outputs are complete (their manifests) and cover every row."""
-    from pipeline import shards, split
+    from pipeline.data import shards, split
     from pipeline.training.config import load_config
     from pipeline.training.loop import Trainer
 

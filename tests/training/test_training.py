@@ -9,11 +9,12 @@ import os
 import pytest
 import torch
 
-from conftest import build_tiny_split
 from jobs import train as train_job
 from pipeline.training import checkpoint
 from pipeline.training.config import load_config
 from pipeline.training.loop import METRICS_LINES, Trainer
+
+from conftest import build_tiny_split
 
 
 @pytest.fixture(scope="module")
@@ -137,12 +138,12 @@ def test_train_command_reports_config_errors(tmp_path, capsys):
 
 
 def test_every_recipe_loads():
-    folder = os.path.join(os.path.dirname(os.path.dirname(__file__)), "jobs", "recipes")
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "jobs", "recipes")
     recipes = sorted(name for name in os.listdir(folder) if name.endswith(".yaml"))
     assert recipes
     for name in recipes:
         if name.endswith("temporal.yaml"):  # jobs.train_temporal's own config
-            from pipeline.temporal_training import load_temporal_config
+            from pipeline.temporal.training import load_temporal_config
 
             assert load_temporal_config(os.path.join(folder, name)).temporal.clip_length >= 1
             continue

@@ -10,10 +10,10 @@ import posixpath
 from collections import Counter
 from typing import Iterator
 
-from pipeline import schema, storage
-from pipeline.readers.base import Batch, Plan, Skip, SourceReader, SourceUnusable
-from pipeline.readers.files import (Face, FaceImage, open_text, parse_integer, parse_number,
-                                    read_face_crops)
+from pipeline.data import schema, storage
+from pipeline.data.readers.base import Batch, Plan, Skip, SourceReader, SourceUnusable
+from pipeline.data.readers.files import (Face, FaceImage, open_text, parse_integer, parse_number,
+                                         read_face_crops)
 
 CSV_FILES: dict[str, str] = {"training.csv": schema.TRAIN, "validation.csv": schema.VALIDATION}
 # Where users keep the csv files: beside the image folder, or in the folder AffectNet ships them in.

@@ -9,9 +9,9 @@ import posixpath
 from dataclasses import dataclass
 from typing import Iterator
 
-from pipeline import images, schema, storage
-from pipeline.readers.base import Batch, Plan, RowBuffer, SourceReader, SourceUnusable
-from pipeline.readers.files import read_failure, read_files
+from pipeline.data import images, schema, storage
+from pipeline.data.readers.base import Batch, Plan, RowBuffer, SourceReader, SourceUnusable
+from pipeline.data.readers.files import read_failure, read_files
 
 # The 5th ABAW edition names the annotation folder one way, the 6th the other.
 ANNOTATION_FOLDERS: tuple[str, ...] = ("EXPR_Classification_Challenge", "EXPR_Recognition_Challenge")

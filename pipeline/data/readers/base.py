@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Iterator
 
 import pyarrow as pa
 
-from pipeline import images, schema
+from pipeline.data import images, schema
 
 
 class SourceUnusable(RuntimeError):

@@ -8,10 +8,10 @@ from __future__ import annotations
 import posixpath
 from typing import Iterator
 
-from pipeline import schema, storage
-from pipeline.readers.base import Batch, Plan, Skip, SourceReader, SourceUnusable
-from pipeline.readers.files import (Face, FaceImage, open_text, parse_integer, parse_number,
-                                    read_face_crops)
+from pipeline.data import schema, storage
+from pipeline.data.readers.base import Batch, Plan, Skip, SourceReader, SourceUnusable
+from pipeline.data.readers.files import (Face, FaceImage, open_text, parse_integer, parse_number,
+                                         read_face_crops)
 
 LABEL_FILE = "label/label.lst"
 IMAGE_FOLDER = "image/origin"

@@ -13,8 +13,8 @@ from typing import Iterator, Sequence
 
 import fsspec
 
-from pipeline import images, storage
-from pipeline.readers.base import Batch, RowBuffer
+from pipeline.data import images, storage
+from pipeline.data.readers.base import Batch, RowBuffer
 
 # fsspec's `cat` treats these as glob patterns, so a path holding one is read on its own.
 GLOB_CHARACTERS = frozenset("*?[")

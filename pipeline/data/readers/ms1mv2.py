@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import images, recordio, schema, storage
-from pipeline.readers.base import Batch, Plan, RowBuffer, Skip, SourceReader, SourceUnusable
+from pipeline.data import images, recordio, schema, storage
+from pipeline.data.readers.base import Batch, Plan, RowBuffer, Skip, SourceReader, SourceUnusable
 
 # One ranged read covers records until this many bytes; bounds worker memory and S3 GET size.
 DEFAULT_READ_BYTES = 16 << 20

@@ -1,0 +1,65 @@
+"""The Ray Train adapter of the temporal refine stage: `jobs.train_temporal` runs the library's
+`fit` once per Ray Train worker over torch.distributed, rank 0 reporting each epoch with the
+checkpoint; Ray owns checkpoints, restarts and resume by run name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from typing import Any
+
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from pipeline.config import ConfigError
+from pipeline.data import schema, storage
+from pipeline.temporal import training as temporal_training
+from pipeline.training.ray_train import TorchCollectives
+
+
+def temporal_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Each Ray Train worker of `jobs.train_temporal`: the library's `temporal_training.fit` with
+    Ray's rank and collectives; rank 0 reports each epoch with the checkpoint."""
+    config = temporal_training.load_temporal_config(base=loop_config["config"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    train = temporal_training.read_features(loop_config["feature_uris"], schema.TRAIN)
+    validation = temporal_training.read_features(loop_config["feature_uris"], schema.VALIDATION)
+    restored = None
+    saved = ray.train.get_checkpoint()
+    if saved is not None:
+        with saved.as_directory() as folder:
+            restored = temporal_training.load_checkpoint(os.path.join(folder, temporal_training.CHECKPOINT))
+    def report(record: dict[str, Any], trainer: Any, history: list[dict[str, Any]]) -> None:
+        metrics = {"epoch": record["epoch"], "step": record["step"], "loss": record["loss"],
+                   **{f"macro_f1_{name.replace('+', '_')}": value for name, value in record["ablation"].items()}}
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint_object = None
+            if rank == 0:
+                temporal_training.save_checkpoint(folder, trainer, config, record["epoch"],
+                                                  loop_config["frame_run_id"], history)
+                checkpoint_object = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=checkpoint_object)
+
+    temporal_training.fit(config, train, validation, loop_config["frame_run_id"], TorchCollectives(),
+                          rank, world_size, restored, report)
+
+
+def build_temporal_trainer(config: Any, feature_uris: list[str], frame_run_id: str) -> TorchTrainer:
+    """A TorchTrainer for a `TemporalJobConfig` over extracted feature files."""
+    scaling = config.scaling
+    if scaling.num_workers < 1:
+        raise ConfigError("scaling.num_workers: must be at least 1 for Ray Train")
+    config = dataclasses.replace(config, run=dataclasses.replace(config.run, storage=storage.absolute(config.run.storage)))
+    return TorchTrainer(
+        temporal_loop_per_worker,
+        train_loop_config={"config": temporal_training.to_mapping(config), "feature_uris": feature_uris,
+                           "frame_run_id": frame_run_id},
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                               resources_per_worker={"CPU": scaling.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=config.run.name, storage_path=config.run.storage,
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
