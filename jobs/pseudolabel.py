@@ -98,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[pseudolabel] {summary['rows']:,} rows, {summary['accepted']:,} accepted "
           f"({rate:.1%}) by {model.run_id}; per class {summary['accepted_per_class']}"
           if rate is not None else "[pseudolabel] no rows")
+    quality = summary["quality"]
+    if quality["accuracy"] is not None:
+        print(f"[pseudolabel] against the labels the split hid: {quality['accepted']:,} of "
+              f"{quality['rows_with_hidden_label']:,} rows accepted, accuracy {quality['accuracy']:.1%}; "
+              f"{quality['unknown']['accepted']:,} of {quality['unknown']['rows']:,} rows without a "
+              "label accepted")
     print(f"[pseudolabel] wrote {storage.join(arguments.out, MANIFEST)}")
     return 0
 

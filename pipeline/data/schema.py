@@ -84,6 +84,18 @@ ACCEPTED = "accepted"      # decoded and confidence >= threshold
 RUN_ID = "run_id"          # the training run whose model produced the row
 
 
+def source_indices(sources, known: tuple[str, ...] = SOURCES):
+    """Each row's source as its index in `known` (int64 numpy); an unknown source is an error
+    naming it."""
+    import numpy as np
+
+    position = {name: index for index, name in enumerate(known)}
+    try:
+        return np.array([position[name] for name in sources], dtype=np.int64)
+    except KeyError as error:
+        raise ValueError(f"unknown source {error.args[0]!r} (known: {', '.join(known)})") from None
+
+
 def affwild2_sample_id(video: str, frame: int) -> str:
     return f"{AFFWILD2}/{video}/{frame:05d}"
 

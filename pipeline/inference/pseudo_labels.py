@@ -9,7 +9,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import torch
 
+from pipeline.core.pseudo_label_quality import add_counts, empty_counts, quality_report
 from pipeline.data import schema
 from pipeline.data.schema import ACCEPTED, CONFIDENCE, DECODED, PREDICTED, RUN_ID, THRESHOLD
 
@@ -41,11 +43,19 @@ def mark_accepted(table: pa.Table, thresholds: np.ndarray, run_id: str) -> pa.Ta
 
 
 def summarise(tables: list[pa.Table]) -> dict[str, Any]:
-    """Per-class accepted counts and the acceptance rate over every output file."""
+    """Per-class accepted counts and the acceptance rate over every output file, and `quality`:
+    the accepted pseudo labels against the labels the split hid (`core.pseudo_label_quality`:
+    per-class precision, recall and coverage, the confusion matrix, per source; rows without a
+    known label, MS1MV2 and Aff-Wild2's -1 frames, are counted as "unknown")."""
     accepted = np.zeros(schema.NUM_CLASSES, np.int64)
     predicted_counts = np.zeros(schema.NUM_CLASSES, np.int64)
+    quality = empty_counts()
     rows = undecodable = 0
     for table in tables:
+        add_counts(quality, torch.from_numpy(hidden_labels(table)),
+                   torch.from_numpy(table[PREDICTED].to_numpy().astype(np.int64)),
+                   torch.from_numpy(table[ACCEPTED].to_numpy(zero_copy_only=False).astype(bool)),
+                   torch.from_numpy(schema.source_indices(table[schema.SOURCE].to_pylist())))
         predicted = table[PREDICTED].to_numpy()
         flags = table[ACCEPTED].to_numpy(zero_copy_only=False)
         rows += table.num_rows
@@ -60,4 +70,12 @@ def summarise(tables: list[pa.Table]) -> dict[str, Any]:
         "acceptance_rate": float(accepted.sum() / rows) if rows else None,
         "accepted_per_class": dict(zip(schema.CLASS_NAMES, accepted.tolist())),
         "predicted_per_class": dict(zip(schema.CLASS_NAMES, predicted_counts.tolist())),
+        "quality": quality_report(quality),
     }
+
+
+def hidden_labels(table: pa.Table) -> np.ndarray:
+    """Each output row's label from its input shard (-1: none known, or the input had no labels)."""
+    if schema.LABEL not in table.column_names:
+        return np.full(table.num_rows, schema.NO_LABEL, np.int64)
+    return table[schema.LABEL].to_numpy().astype(np.int64)

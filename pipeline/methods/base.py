@@ -101,6 +101,11 @@ class StepResult:
     """Accepted pseudo labels per class this step (C,), for the acceptance rate and histogram."""
     candidates: int = 0
     """Unlabeled samples considered this step."""
+    pseudo_labels: torch.Tensor | None = None
+    """Each unlabeled sample's pseudo label (N_u,), in the order of `TrainBatch.unlabeled_weak`; the
+    trainer scores them against labels the split hid (never shown to the method)."""
+    accepted_mask: torch.Tensor | None = None
+    """Which of those pseudo labels entered the unlabeled loss (N_u,) bool."""
 
 
 class Collectives:

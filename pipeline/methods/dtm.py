@@ -102,9 +102,11 @@ class DynamicThresholdSSL(Method):
                 unlabeled_loss = cross_entropy(strong_logits, pseudo.labels, pseudo.mask)
             accepted = acceptance_histogram(pseudo.labels, pseudo.mask, self.num_classes)
             mask_rate = pseudo.mask.float().mean().item()
+            pseudo_labels, accepted_mask = pseudo.labels, pseudo.mask
         else:
             unlabeled_count, unlabeled_loss, mask_rate = 0, logits.new_zeros(()), 0.0
             accepted = torch.zeros(self.num_classes, dtype=torch.int64, device=logits.device)
+            pseudo_labels = accepted_mask = None
 
         # L = λ1·L_l + λ2·L_u, eq. (12).
         loss = self.options.labeled_weight * labeled_loss + self.options.unlabeled_weight * unlabeled_loss
@@ -116,7 +118,8 @@ class DynamicThresholdSSL(Method):
         return StepResult(
             {"loss": loss.item(), "labeled_loss": labeled_loss.item(),
              "unlabeled_loss": unlabeled_loss.item(), "mask_rate": mask_rate},
-            accepted=accepted, candidates=unlabeled_count)
+            accepted=accepted, candidates=unlabeled_count, pseudo_labels=pseudo_labels,
+            accepted_mask=accepted_mask)
 
     def evaluation_model(self) -> nn.Module:
         return self.ema.model if self.options.evaluate_ema else self.model

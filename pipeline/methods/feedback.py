@@ -173,7 +173,9 @@ class DebiasedFeedback(Method):
             "student_unlabeled": student_loss.item(), "student_labeled_before": labeled_before.item(),
             "student_labeled_after": labeled_after.item(),
             "feedback_coefficient": self.feedback_coefficient, "feedback_raw": self.feedback_raw,
-        })
+        }, accepted=torch.bincount(pseudo_labels, minlength=self.num_classes), candidates=unlabeled_count,
+            # No threshold: the student learns from every teacher pseudo label.
+            pseudo_labels=pseudo_labels, accepted_mask=torch.ones_like(pseudo_labels, dtype=torch.bool))
 
     def evaluation_model(self) -> nn.Module:
         return self.student if self.options.evaluate == "student" else self.teacher

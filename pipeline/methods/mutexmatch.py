@@ -182,7 +182,7 @@ class MutexMatch(Method):
         logged = {name: value.item() for name, value in losses.items()}
         logged["mask_rate"] = confident.float().mean().item()
         return StepResult(logged, accepted=acceptance_histogram(pseudo_labels, confident, self.num_classes),
-                          candidates=len(confident))
+                          candidates=len(confident), pseudo_labels=pseudo_labels, accepted_mask=confident)
 
     def evaluation_model(self) -> nn.Module:
         # The backbone's own classifier is the TPC, so its forward gives the TPC logits.

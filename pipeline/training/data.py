@@ -78,6 +78,10 @@ def read_validation(split_dir: str) -> ImageTable:
     return read_shard_folder(storage.join(split_dir, split.VALIDATION))
 
 
+PoolRow = tuple[bytes, int, int]
+"""One unlabeled-pool row as the stream hands it out: image bytes, hidden label, source index."""
+
+
 class UnlabeledStream:
     """An endless stream of unlabeled image bytes over the pool's source shards.
 
@@ -103,7 +107,7 @@ class UnlabeledStream:
         self.pass_number = 0
         self.emitted = 0  # images handed out in this pass: the exact resume position
         self._skip = 0
-        self._iterator: Iterator[bytes] | None = None
+        self._iterator: Iterator[PoolRow] | None = None
 
     def _files_for_pass(self, pass_number: int) -> list[str]:
         order = np.random.default_rng([self.seed, pass_number]).permutation(len(self.pool.file_uris))
@@ -112,7 +116,7 @@ class UnlabeledStream:
         return mine or files  # fewer files than workers: share rather than starve
 
     def _record_batches(self, pass_number: int) -> Iterator[pa.Table]:
-        columns = [schema.SAMPLE_ID, schema.IMAGE, schema.SOURCE, schema.SPLIT]
+        columns = [schema.SAMPLE_ID, schema.IMAGE, schema.SOURCE, schema.SPLIT, schema.LABEL]
         for uri in self._files_for_pass(pass_number):
             fs, path = storage.filesystem(uri)
             with fs.open(path, "rb") as handle:
@@ -125,11 +129,12 @@ class UnlabeledStream:
                                                       value_set=pa.array(self.sources)))
                     yield table.filter(mask)
 
-    def _pass_images(self, pass_number: int) -> Iterator[bytes]:
+    def _pass_rows(self, pass_number: int) -> Iterator[PoolRow]:
         rng = np.random.default_rng([self.seed, pass_number, self.rank, 1])
-        buffer: list[bytes] = []
+        buffer: list[PoolRow] = []
         for table in self._record_batches(pass_number):
-            buffer.extend(table[schema.IMAGE].to_pylist())
+            buffer.extend(zip(table[schema.IMAGE].to_pylist(), table[schema.LABEL].to_pylist(),
+                              schema.source_indices(table[schema.SOURCE].to_pylist()).tolist()))
             if len(buffer) >= self.shuffle_buffer:
                 for index in rng.permutation(len(buffer)):
                     yield buffer[index]
@@ -137,25 +142,29 @@ class UnlabeledStream:
         for index in rng.permutation(len(buffer)):
             yield buffer[index]
 
-    def _images(self) -> Iterator[bytes]:
+    def _rows(self) -> Iterator[PoolRow]:
         while True:
             produced = 0
-            for image in self._pass_images(self.pass_number):
+            for row in self._pass_rows(self.pass_number):
                 produced += 1
                 if produced <= self._skip:
                     continue  # replaying up to the resumed position
                 self.emitted = produced
-                yield image
+                yield row
             if produced == 0:
                 raise ValueError("the unlabeled pool has no row for this worker and filter")
             self.pass_number += 1
             self.emitted = 0
             self._skip = 0
 
-    def take(self, count: int) -> list[bytes]:
+    def take(self, count: int) -> tuple[list[bytes], np.ndarray, np.ndarray]:
+        """The next `count` rows: their image bytes, hidden labels (-1: none known) and source
+        indices (`schema.SOURCES`). The labels are for measuring pseudo labels, never training."""
         if self._iterator is None:
-            self._iterator = self._images()
-        return [next(self._iterator) for _ in range(count)]
+            self._iterator = self._rows()
+        rows = [next(self._iterator) for _ in range(count)]
+        return ([row[0] for row in rows], np.array([row[1] for row in rows], np.int64),
+                np.array([row[2] for row in rows], np.int64))
 
     def state_dict(self) -> dict[str, int]:
         return {"pass_number": self.pass_number, "emitted": self.emitted}

@@ -25,13 +25,34 @@ from pipeline.training.data import ImageTable, UnlabeledStream
 
 
 @dataclass
+class PreparedUnlabeled:
+    """A step's unlabeled images after decode and weak geometry (uint8 NHWC, decoded rows only),
+    with what the split hid about each: its label (-1: none known) and source index. The labels
+    only measure the pseudo labels; they never reach the method."""
+
+    pixels: np.ndarray
+    hidden_labels: np.ndarray
+    sources: np.ndarray
+    undecodable: int
+
+
+@dataclass
 class CpuBatch:
     """One step's images after decode and geometry, still uint8 NHWC on the CPU."""
 
     labeled: np.ndarray
     labels: np.ndarray
-    unlabeled: np.ndarray | None
+    unlabeled: PreparedUnlabeled | None
     undecodable: int
+
+
+@dataclass
+class HiddenLabels:
+    """The hidden labels and source indices of a step's unlabeled rows, on the device, aligned
+    with `TrainBatch.unlabeled_weak`."""
+
+    labels: torch.Tensor
+    sources: torch.Tensor
 
 
 def make_views(config: DataConfig) -> tuple[views.WeakView, views.StrongView]:
@@ -67,9 +88,8 @@ class UnlabeledSource(abc.ABC):
 
     @abc.abstractmethod
     def take_prepared(self, count: int, weak_view: views.WeakView, rng: np.random.Generator
-                      ) -> tuple[np.ndarray, int]:
-        """About `count` images after decode and weak geometry, and how many were undecodable
-        (dropped from the batch)."""
+                      ) -> PreparedUnlabeled:
+        """`count` rows after decode and weak geometry; undecodable ones are dropped and counted."""
 
     @abc.abstractmethod
     def state_dict(self) -> dict[str, int]: ...
@@ -85,9 +105,11 @@ class DecodedStream(UnlabeledSource):
         self.stream = stream
 
     def take_prepared(self, count: int, weak_view: views.WeakView, rng: np.random.Generator
-                      ) -> tuple[np.ndarray, int]:
-        images, ok = weak_view.decode(self.stream.take(count))
-        return weak_view.geometry(images[ok], rng), int((~ok).sum())
+                      ) -> PreparedUnlabeled:
+        encoded, hidden_labels, sources = self.stream.take(count)
+        images, ok = weak_view.decode(encoded)
+        return PreparedUnlabeled(weak_view.geometry(images[ok], rng), hidden_labels[ok], sources[ok],
+                                 int((~ok).sum()))
 
     def state_dict(self) -> dict[str, int]:
         return self.stream.state_dict()
@@ -98,6 +120,8 @@ class DecodedStream(UnlabeledSource):
 
 PREPARED_PIXELS = "pixels"
 PREPARED_OK = "decoded"
+PREPARED_HIDDEN_LABEL = "hidden_label"
+PREPARED_SOURCE = "source_index"
 
 
 class PoolViews:
@@ -125,7 +149,8 @@ class PoolViews:
         size = self.weak_view.config.output_size
         if table.num_rows == 0:
             return {PREPARED_PIXELS: np.zeros((0, size, size, 3), np.uint8),
-                    PREPARED_OK: np.zeros(0, bool)}
+                    PREPARED_OK: np.zeros(0, bool), PREPARED_HIDDEN_LABEL: np.zeros(0, np.int64),
+                    PREPARED_SOURCE: np.zeros(0, np.int64)}
         # Random crops seeded by the batch's first id: reproducible for a given block, different
         # between blocks, with no state shared between Ray Data tasks.
         first = str(table[schema.SAMPLE_ID][0].as_py()).encode()
@@ -134,7 +159,9 @@ class PoolViews:
         pixels = np.zeros((table.num_rows, size, size, 3), np.uint8)
         if ok.any():
             pixels[ok] = self.weak_view.geometry(decoded[ok], rng)
-        return {PREPARED_PIXELS: pixels, PREPARED_OK: ok}
+        return {PREPARED_PIXELS: pixels, PREPARED_OK: ok,
+                PREPARED_HIDDEN_LABEL: table[schema.LABEL].to_numpy().astype(np.int64),
+                PREPARED_SOURCE: schema.source_indices(table[schema.SOURCE].to_pylist())}
 
 
 class InputPipeline:
@@ -166,17 +193,18 @@ class InputPipeline:
         unlabeled = None
         undecodable = int((~ok).sum())
         if self.unlabeled_per_step:
-            unlabeled, skipped = self.unlabeled.take_prepared(self.unlabeled_per_step, self.weak_view,
-                                                              self.rng)
-            undecodable += skipped
+            unlabeled = self.unlabeled.take_prepared(self.unlabeled_per_step, self.weak_view, self.rng)
+            undecodable += unlabeled.undecodable
         return CpuBatch(labeled, labels, unlabeled, undecodable)
 
     def prefetch(self, indices: np.ndarray) -> None:
         self._pending = self._pool.submit(self._prepare, indices)
         self._pending_indices = indices
 
-    def next(self, indices: np.ndarray, following: np.ndarray | None) -> tuple[TrainBatch, int]:
-        """The batch for `indices` on the device; starts preparing `following` meanwhile."""
+    def next(self, indices: np.ndarray, following: np.ndarray | None
+             ) -> tuple[TrainBatch, int, HiddenLabels | None]:
+        """The batch for `indices` on the device, its undecodable count and the hidden labels of
+        its unlabeled rows; starts preparing `following` meanwhile."""
         if self._pending is not None and self._pending_indices is indices:
             cpu = self._pending.result()
         else:
@@ -184,7 +212,11 @@ class InputPipeline:
         self._pending = None
         if following is not None:
             self.prefetch(following)
-        return self.to_device(cpu), cpu.undecodable
+        hidden = None
+        if cpu.unlabeled is not None and len(cpu.unlabeled.pixels):
+            hidden = HiddenLabels(torch.from_numpy(cpu.unlabeled.hidden_labels).to(self.device, non_blocking=True),
+                                  torch.from_numpy(cpu.unlabeled.sources).to(self.device, non_blocking=True))
+        return self.to_device(cpu), cpu.undecodable, hidden
 
     def to_device(self, cpu: CpuBatch) -> TrainBatch:
         labeled = torch.from_numpy(cpu.labeled).to(self.device, non_blocking=True)
@@ -195,8 +227,8 @@ class InputPipeline:
         )
         if self.needs.labeled_strong:
             batch.labeled_strong = self.strong_view(labeled, generator)
-        if cpu.unlabeled is not None and len(cpu.unlabeled):
-            unlabeled = torch.from_numpy(cpu.unlabeled).to(self.device, non_blocking=True)
+        if cpu.unlabeled is not None and len(cpu.unlabeled.pixels):
+            unlabeled = torch.from_numpy(cpu.unlabeled.pixels).to(self.device, non_blocking=True)
             batch.unlabeled_weak = self.weak_view(unlabeled, generator)
             if self.needs.unlabeled_strong:
                 batch.unlabeled_strong = self.strong_view(unlabeled, generator)

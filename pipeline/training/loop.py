@@ -22,6 +22,7 @@ from pipeline.config import ConfigError
 from pipeline.core.thresholds import ClassStatistics
 from pipeline.data import schema, storage
 from pipeline.data.pseudo_labels import read_accepted
+from pipeline.core.pseudo_label_quality import add_counts, empty_counts, quality_report
 from pipeline.data.sampler import ClassBalancedSampler
 from pipeline.methods.base import Collectives, Method, MethodContext
 from pipeline.training import checkpoint
@@ -69,6 +70,17 @@ def average_gradients(parameters: list[torch.Tensor], collectives: Collectives) 
         if parameter.grad is None:
             parameter.grad = torch.zeros_like(parameter)
     _reduce_in_place([parameter.grad for parameter in reduced], collectives.all_reduce_mean)
+
+
+def parameter_fingerprint(method: Method) -> list[float]:
+    """Three float64 sums over every parameter the method's optimizers update (plain, squared, and
+    weighted by position). Data-parallel replicas that averaged every gradient hold identical
+    parameters, so their fingerprints are equal to the last bit; they are taken before the
+    per-epoch broadcast, which would hide a replica that trained on its own."""
+    values = torch.cat([parameter.detach().reshape(-1).double().cpu() for optimizer in _optimizers(method)
+                        for group in optimizer.param_groups for parameter in group["params"]])
+    weights = torch.linspace(1.0, 2.0, values.numel(), dtype=torch.float64)
+    return [float(values.sum()), float((values * values).sum()), float((values * weights).sum())]
 
 
 def synchronize_replicas(method: Method, collectives: Collectives, rank: int) -> None:
@@ -138,6 +150,9 @@ class EpochTotals:
     def __post_init__(self) -> None:
         self.losses: dict[str, float] = {}
         self.accepted = torch.zeros(schema.NUM_CLASSES, dtype=torch.float64)
+        # Pseudo labels against the labels the split hid (`core.pseudo_label_quality`), counted on
+        # the training device so no step waits for the host.
+        self.pseudo_label_counts = empty_counts()
 
     def add_losses(self, losses: dict[str, float]) -> None:
         for name, value in losses.items():
@@ -264,6 +279,7 @@ class Trainer:
 
     def train_epoch(self) -> EpochTotals:
         totals = EpochTotals()
+        totals.pseudo_label_counts = totals.pseudo_label_counts.to(self.device)
         batch_size = self.config.data.labeled_batch
         indices = self.sampler.indices(self.epoch)
         batches = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
@@ -273,9 +289,12 @@ class Trainer:
         for number, batch_indices in enumerate(batches):
             following = batches[number + 1] if number + 1 < len(batches) else None
             waited = time.perf_counter()
-            batch, undecodable = self.inputs.next(batch_indices, following)
+            batch, undecodable, hidden = self.inputs.next(batch_indices, following)
             totals.input_seconds += time.perf_counter() - waited
             result = self.method.train_step(batch, self.global_step)
+            if hidden is not None and result.accepted_mask is not None:
+                add_counts(totals.pseudo_label_counts, hidden.labels, result.pseudo_labels,
+                           result.accepted_mask, hidden.sources)
             self.global_step += 1
             totals.steps += 1
             totals.undecodable += undecodable
@@ -329,7 +348,8 @@ class Trainer:
 
     # --------------------------------------------------------------------------- the run
 
-    def epoch_metrics(self, totals: EpochTotals, validation: dict[str, Any] | None) -> dict[str, Any]:
+    def epoch_metrics(self, totals: EpochTotals, validation: dict[str, Any] | None,
+                      fingerprint: list[float] | None = None) -> dict[str, Any]:
         """The epoch's record. Pseudo-label counts and images/s total are summed over workers (one
         all-reduce); losses and images_per_second are this worker's."""
         thresholds = self.method.thresholds()
@@ -338,6 +358,7 @@ class Trainer:
                            torch.tensor([totals.candidates, images_per_second], dtype=torch.float64)])
         summed = self.collectives.all_reduce_sum(local).to("cpu", torch.float64)
         accepted, candidates = summed[:schema.NUM_CLASSES], int(round(float(summed[-2])))
+        pseudo_label_counts = self.collectives.all_reduce_sum(totals.pseudo_label_counts).cpu()
         return {
             "epoch": self.epoch,
             "step": self.global_step,
@@ -347,11 +368,18 @@ class Trainer:
             "thresholds": thresholds.tolist() if thresholds is not None else None,
             "pseudo_label_acceptance_rate": float(accepted.sum() / candidates) if candidates else None,
             "pseudo_label_histogram": accepted.round().long().tolist() if candidates else None,
+            # Of the unlabeled rows seen this epoch, against the labels the split hid: acceptance
+            # rate, accuracy of the accepted pseudo labels, per class and per source.
+            "pseudo_label_quality": (quality_report(pseudo_label_counts)
+                                     if int(pseudo_label_counts.sum()) else None),
             "images_per_second": images_per_second,
             "images_per_second_total": float(summed[-1]),
             "input_wait_fraction": totals.input_seconds / max(totals.seconds, 1e-9),
             "undecodable_images": totals.undecodable,
             "validation": validation,
+            # With several workers: this replica's parameters before the broadcast; equal on
+            # every rank when gradients were averaged (see parameter_fingerprint).
+            "replica_fingerprint": fingerprint,
         }
 
     def write_metrics(self) -> None:
@@ -372,14 +400,16 @@ class Trainer:
             while self.epoch < config.run.epochs:
                 totals = self.train_epoch()
                 self.epoch += 1
+                fingerprint = None
                 if self.world_size > 1:
+                    fingerprint = parameter_fingerprint(self.method)
                     synchronize_replicas(self.method, self.collectives, self.rank)
                 self.update_thresholds()
                 validation = None
                 due = self.epoch % config.evaluation.every_epochs == 0 or self.epoch == config.run.epochs
                 if due and self.rank == 0:  # replicas are identical: one worker validates
                     validation = self.evaluate()
-                record = self.epoch_metrics(totals, validation)
+                record = self.epoch_metrics(totals, validation, fingerprint)
                 self.history.append(record)
                 self.write_metrics()
                 if events:
@@ -432,6 +462,9 @@ def _log(record: dict[str, Any]) -> None:
              f"{record['images_per_second']:.0f} img/s"]
     if record["pseudo_label_acceptance_rate"] is not None:
         parts.append(f"accepted {record['pseudo_label_acceptance_rate']:.2f}")
+    quality = record.get("pseudo_label_quality") or {}
+    if quality.get("accuracy") is not None:
+        parts.append(f"pseudo-label accuracy {quality['accuracy']:.2f}")
     if validation:
         parts.append(f"val macro-F1 {validation['macro_f1']:.4f}")
         parts += [f"smoothed@{window} {value['macro_f1']:.4f}" for window, value in smoothed.items()]

@@ -29,16 +29,18 @@ from ray.data import FileShuffleConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline.config import ConfigError
+from pipeline.core.pseudo_label_quality import flat_quality
 from pipeline.core.views import WeakView
 from pipeline.data import schema, split, storage
 from pipeline.methods.base import Collectives
 from pipeline.training import checkpoint
 from pipeline.training.config import DataConfig, TrainConfig, load_config, to_mapping
-from pipeline.training.inputs import PREPARED_OK, PREPARED_PIXELS, PoolViews, UnlabeledSource
+from pipeline.training.inputs import (PREPARED_HIDDEN_LABEL, PREPARED_OK, PREPARED_PIXELS, PREPARED_SOURCE,
+                                      PoolViews, PreparedUnlabeled, UnlabeledSource)
 from pipeline.training.loop import WORKER_STATE_KEYS, Trainer
 
 WORKER_CHECKPOINT_FOLDER = "workers"
-POOL_COLUMNS = [schema.SAMPLE_ID, schema.IMAGE, schema.SOURCE, schema.SPLIT]
+POOL_COLUMNS = [schema.SAMPLE_ID, schema.IMAGE, schema.SOURCE, schema.SPLIT, schema.LABEL]
 DATASET_NAME = "unlabeled"
 
 
@@ -188,6 +190,8 @@ def flat_metrics(record: dict[str, Any]) -> dict[str, float | int]:
                    pseudo_label_acceptance_rate=record["pseudo_label_acceptance_rate"])
     for name, value in zip(schema.CLASS_NAMES, record["thresholds"] or []):
         metrics[f"threshold_{name.lower()}"] = value
+    if record.get("pseudo_label_quality"):
+        metrics.update(flat_quality(record["pseudo_label_quality"]))
     validation = record["validation"]
     if validation:
         metrics["macro_f1"] = validation["macro_f1"]
@@ -341,12 +345,13 @@ class StreamedUnlabeled(UnlabeledSource):
             return batch
 
     def take_prepared(self, count: int, weak_view: WeakView, rng: np.random.Generator
-                      ) -> tuple[np.ndarray, int]:
+                      ) -> PreparedUnlabeled:
         if count != self.batch_size:
             raise ValueError(f"the stream was built for {self.batch_size} images a step, asked for {count}")
         batch = self.next_batch()
         decoded = batch[PREPARED_OK].astype(bool)
-        return batch[PREPARED_PIXELS][decoded], int((~decoded).sum())
+        return PreparedUnlabeled(batch[PREPARED_PIXELS][decoded], batch[PREPARED_HIDDEN_LABEL][decoded],
+                                 batch[PREPARED_SOURCE][decoded], int((~decoded).sum()))
 
     def state_dict(self) -> dict[str, int]:
         return {"pass_number": self.pass_number, "batches": self.batches}

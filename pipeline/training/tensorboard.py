@@ -10,6 +10,7 @@ import os
 import tempfile
 from typing import Any
 
+from pipeline.core.pseudo_label_quality import flat_quality
 from pipeline.data import schema, storage
 
 TENSORBOARD_FOLDER = "tensorboard"
@@ -28,6 +29,9 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
         values["pseudo_labels/acceptance_rate"] = record["pseudo_label_acceptance_rate"]
         for index, count in enumerate(record["pseudo_label_histogram"] or []):
             values[f"pseudo_labels/{schema.CLASS_NAMES[index]}"] = count
+    if record.get("pseudo_label_quality"):
+        for name, value in flat_quality(record["pseudo_label_quality"]).items():
+            values["pseudo_label_quality/" + name.removeprefix("pseudo_label_")] = value
     values["throughput/images_per_second"] = record["images_per_second"]
     if "images_per_second_total" in record:
         values["throughput/images_per_second_total"] = record["images_per_second_total"]

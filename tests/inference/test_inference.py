@@ -119,7 +119,9 @@ def test_features_come_with_the_same_probabilities_and_undecodable_rows_are_kept
 # ------------------------------------------------------------------ pure outputs
 
 def test_mark_accepted_uses_the_predicted_class_threshold():
-    table = pa.table({PREDICTED: pa.array([0, 1, 1, -1], pa.int64()),
+    table = pa.table({schema.SOURCE: [schema.EXPW, schema.EXPW, schema.MS1MV2, schema.AFFECTNET],
+                      schema.LABEL: pa.array([0, 4, -1, 2], pa.int8()),
+                      PREDICTED: pa.array([0, 1, 1, -1], pa.int64()),
                       CONFIDENCE: pa.array([0.5, 0.9, 0.6, 0.0], pa.float32()),
                       DECODED: [True, True, True, False]})
     thresholds = np.array([0.4, 0.7, 0, 0, 0, 0, 0, 0.99])
@@ -131,6 +133,18 @@ def test_mark_accepted_uses_the_predicted_class_threshold():
     assert summary["rows"] == 8 and summary["accepted"] == 4 and summary["undecodable"] == 2
     assert summary["accepted_per_class"]["Neutral"] == 2 and summary["accepted_per_class"]["Anger"] == 2
     assert summary["acceptance_rate"] == 0.5
+    # Against the hidden labels: of 3 labeled rows (twice), the Neutral one is accepted and right,
+    # the Happiness one accepted as Anger, the undecodable AffectNet one rejected.
+    quality = summary["quality"]
+    assert quality["rows_with_hidden_label"] == 6 and quality["accepted"] == 4
+    assert quality["accuracy"] == 0.5
+    assert quality["per_class"]["Neutral"]["precision"] == 1.0
+    assert quality["per_class"]["Anger"]["precision"] == 0.0
+    assert quality["per_class"]["Happiness"]["coverage"] == 1.0
+    assert quality["per_class"]["Happiness"]["recall"] == 0.0
+    assert quality["per_class"]["Disgust"]["coverage"] == 0.0
+    assert quality["unknown"] == {"rows": 2, "accepted": 0, "accepted_per_class": dict.fromkeys(schema.CLASS_NAMES, 0)}
+    assert set(quality["per_source"]) == {schema.EXPW, schema.MS1MV2, schema.AFFECTNET}
 
 
 def test_file_collector_writes_complete_files_only_and_refuses_duplicates(tmp_path):
@@ -326,6 +340,15 @@ def test_pseudolabel_export_resumes_by_shard_and_feeds_training(local_ray, train
     assert 0 < manifest["accepted"] == int(accepted.sum())
     assert sum(manifest["accepted_per_class"].values()) == manifest["accepted"]
     assert manifest["threshold_source"] == "fixed" and manifest["run_id"] == "frame@epoch-0002"
+    # Pseudo-label quality against the labels the split hid, recomputed from the files.
+    hidden = combined[schema.LABEL].to_numpy().astype(np.int64)
+    predicted = combined[PREDICTED].to_numpy()
+    scored = accepted & (hidden >= 0)
+    quality = manifest["quality"]
+    assert quality["rows_with_hidden_label"] == int((hidden >= 0).sum()) > 0
+    assert quality["unknown"]["rows"] == int((hidden < 0).sum()) > 0  # MS1MV2 and -1 frames
+    assert quality["accepted"] == int(scored.sum()) > 0
+    assert quality["accuracy"] == pytest.approx(float((predicted[scored] == hidden[scored]).mean()))
     before = {entry["path"]: open(os.path.join(out, entry["path"]), "rb").read() for entry in manifest["files"]}
 
     # A re-run skips every file (same checkpoint and thresholds) and leaves them as they were.

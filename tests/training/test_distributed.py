@@ -222,6 +222,11 @@ def test_thresholds_are_global_and_equal_the_single_process_update(dtm_job, tmp_
         assert ranks[0][epoch]["thresholds"] == ranks[1][epoch]["thresholds"]
     # The ranks trained on different data (their own losses differ), and the thresholds moved.
     assert any(ranks[0][epoch]["losses"]["loss"] != ranks[1][epoch]["losses"]["loss"] for epoch in range(2))
+    # Yet the replicas took identical steps (averaged gradients): their parameters, read before
+    # the epoch's rank-0 broadcast, agree to the last bit, and they moved between epochs.
+    fingerprints = [[record["replica_fingerprint"] for record in records] for records in ranks]
+    assert fingerprints[0] == fingerprints[1]
+    assert fingerprints[0][0] != fingerprints[0][1]
     assert any(value != pytest.approx(0.8) for value in ranks[0][-1]["thresholds"])
 
     states = {epoch: load_epoch(run, epoch) for epoch in (1, 2)}

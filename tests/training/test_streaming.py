@@ -10,14 +10,16 @@ import pytest
 
 from pipeline.data import schema, split
 from pipeline.training.config import DataConfig, load_config
-from pipeline.training.inputs import PREPARED_OK, PREPARED_PIXELS, PoolViews
+from pipeline.training.inputs import (PREPARED_HIDDEN_LABEL, PREPARED_OK, PREPARED_PIXELS, PREPARED_SOURCE,
+                                      PoolViews)
 
 from conftest import build_tiny_split, make_jpeg
 
 
-def pool_table(ids, sources, splits, images) -> pa.Table:
+def pool_table(ids, sources, splits, images, labels=None) -> pa.Table:
+    labels = labels if labels is not None else [schema.NO_LABEL] * len(ids)
     return pa.table({schema.SAMPLE_ID: ids, schema.IMAGE: pa.array(images, pa.binary()),
-                     schema.SOURCE: sources, schema.SPLIT: splits})
+                     schema.SOURCE: sources, schema.SPLIT: splits, schema.LABEL: pa.array(labels, pa.int8())})
 
 
 def test_pool_views_keep_pool_rows_and_flag_undecodable_ones():
@@ -25,13 +27,18 @@ def test_pool_views_keep_pool_rows_and_flag_undecodable_ones():
         ["a", "b", "c", "d", "e"],
         [schema.MS1MV2, schema.MS1MV2, schema.AFFWILD2, schema.AFFWILD2, schema.EXPW],
         ["train", "train", "validation", "train", "train"],
-        [make_jpeg(1), b"not a jpeg", make_jpeg(2), make_jpeg(3), make_jpeg(4)])
+        [make_jpeg(1), b"not a jpeg", make_jpeg(2), make_jpeg(3), make_jpeg(4)],
+        labels=[-1, -1, 3, 4, 6])
     views = PoolViews(DataConfig(image_size=32), pa.array(["d"]), seed=0)
     output = views(table)
     # c: Aff-Wild2 validation, d: excluded (labeled); b stays, flagged undecodable.
     assert output[PREPARED_PIXELS].shape == (3, 32, 32, 3)
     assert output[PREPARED_PIXELS].dtype == np.uint8
     assert output[PREPARED_OK].tolist() == [True, False, True]
+    # What the split hid rides along for measuring pseudo labels: a, b (MS1MV2, none) and e.
+    assert output[PREPARED_HIDDEN_LABEL].tolist() == [-1, -1, 6]
+    assert output[PREPARED_SOURCE].tolist() == [schema.SOURCES.index(schema.MS1MV2)] * 2 + [
+        schema.SOURCES.index(schema.EXPW)]
     assert not output[PREPARED_PIXELS][1].any() and output[PREPARED_PIXELS][0].any()
     only_expw = PoolViews(DataConfig(image_size=32, unlabeled_sources=[schema.EXPW]), pa.array(["d"]), 0)
     assert only_expw(table)[PREPARED_OK].tolist() == [True]
@@ -45,16 +52,19 @@ def test_pool_views_keep_pool_rows_and_flag_undecodable_ones():
 def test_stream_runs_whole_passes_and_resumes_at_a_pass_boundary(local_ray):
     from pipeline.training.ray_train import StreamedUnlabeled
 
-    items = [{PREPARED_PIXELS: np.full((4, 4, 3), index, np.uint8), PREPARED_OK: index != 3}
-             for index in range(10)]
+    items = [{PREPARED_PIXELS: np.full((4, 4, 3), index, np.uint8), PREPARED_OK: index != 3,
+              PREPARED_HIDDEN_LABEL: index % 8, PREPARED_SOURCE: index % 2} for index in range(10)]
     dataset = local_ray.data.from_items(items)
     stream = StreamedUnlabeled(dataset.iterator(), batch_size=4, shuffle_buffer=0, seed=0, rank=0)
     seen = []
     undecodable = 0
     for _ in range(2):  # one pass: 10 rows -> two whole batches (the partial one is dropped)
-        pixels, skipped = stream.take_prepared(4, None, None)
-        seen += [int(image[0, 0, 0]) for image in pixels]
-        undecodable += skipped
+        prepared = stream.take_prepared(4, None, None)
+        seen += [int(image[0, 0, 0]) for image in prepared.pixels]
+        # Hidden labels and sources stay aligned with the pixels after the undecodable row is dropped.
+        assert prepared.hidden_labels.tolist() == [value % 8 for value in seen[-len(prepared.pixels):]]
+        assert prepared.sources.tolist() == [value % 2 for value in seen[-len(prepared.pixels):]]
+        undecodable += prepared.undecodable
     assert stream.state_dict() == {"pass_number": 0, "batches": 2}
     assert len(seen) + undecodable == 8 and undecodable == 1 and 3 not in seen
     assert len(set(seen)) == len(seen)

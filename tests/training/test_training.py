@@ -6,12 +6,18 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
+from sklearn.metrics import f1_score
 
 from jobs import train as train_job
+from pipeline.data import schema
+from pipeline.methods.base import MethodContext
 from pipeline.training import checkpoint
 from pipeline.training.config import load_config
+from pipeline.training.data import UnlabeledStream, read_labeled, read_validation
+from pipeline.training.inputs import evaluation_tensor, make_views
 from pipeline.training.loop import METRICS_LINES, Trainer
 
 from conftest import build_tiny_split
@@ -32,6 +38,9 @@ def tiny_config(split_dir: str, storage: str, method: str = "supervised", **over
         "run": {"name": "tiny", "storage": storage, "epochs": 2, "steps_per_epoch": 3},
     }
     for key, value in overrides.items():
+        if "__" not in key:
+            settings[key] = value
+            continue
         section, field = key.split("__")
         settings[section][field] = value
     return load_config(base=settings)
@@ -44,17 +53,90 @@ def test_metrics_and_checkpoints_are_written(tiny_split, tmp_path):
     assert [line["epoch"] for line in lines] == [1, 2]
     record = lines[-1]
     for key in ("losses", "learning_rates", "images_per_second", "validation", "thresholds",
-                "pseudo_label_acceptance_rate", "pseudo_label_histogram"):
+                "pseudo_label_acceptance_rate", "pseudo_label_histogram", "pseudo_label_quality"):
         assert key in record
     validation = record["validation"]
-    assert 0.0 <= validation["macro_f1"] <= 1.0 and len(validation["per_class_f1"]) == 8
-    assert len(validation["confusion"]) == 8 and "5" in validation["smoothed"]
-    assert validation["scored_frames"] < validation["frames"] or validation["frames"] > 0
+    # The reported macro-F1 is the one its own confusion matrix gives (sklearn as the oracle), and
+    # every validation frame with a label is scored.
+    confusion = np.array(validation["confusion"])
+    assert confusion.shape == (8, 8)
+    targets = np.repeat(np.arange(8), confusion.sum(axis=1))
+    predictions = np.concatenate([np.repeat(np.arange(8), row) for row in confusion])
+    assert validation["macro_f1"] == pytest.approx(
+        f1_score(targets, predictions, labels=range(8), average="macro", zero_division=0))
+    labels = read_validation(tiny_split).labels
+    assert validation["scored_frames"] == confusion.sum() == int((labels >= 0).sum())
+    assert set(validation["smoothed"]) == {"5"}
     assert checkpoint.list_checkpoints(str(run)) == [1, 2]
     assert final["epochs"] == 2 and final["steps"] == 6
-    assert json.loads((run / "metrics.json").read_text())["best_epoch"] in (1, 2)
+    best = max(lines, key=lambda line: line["validation"]["macro_f1"])
+    assert json.loads((run / "metrics.json").read_text())["best_epoch"] == best["epoch"]
     assert tensorboard_tags(run / "tensorboard") >= {
         "loss/loss", "validation/macro_f1", "validation/macro_f1_smoothed_5", "throughput/images_per_second"}
+
+
+def seen_unlabeled_rows(config, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """The hidden labels and sources of the decodable unlabeled rows a one-process run of `config`
+    takes in `steps` steps, replayed from its stream (same seed, same order)."""
+    stream = UnlabeledStream(config.data.split, config.run.seed, config.data.shuffle_buffer,
+                             config.data.unlabeled_sources)
+    per_step = config.data.labeled_batch * config.data.unlabeled_ratio
+    images, labels, sources = stream.take(per_step * steps)
+    _, decoded = make_views(config.data)[0].decode(images)
+    return labels[decoded], sources[decoded]
+
+
+def test_pseudo_label_quality_counts_the_rows_the_method_saw(tiny_split, tmp_path):
+    config = tiny_config(tiny_split, str(tmp_path), method="dtm", run__epochs=1,
+                         method_options={"initial_threshold": 0.0})
+    Trainer(config).fit()
+    record = json.loads((tmp_path / "tiny" / METRICS_LINES).read_text().splitlines()[0])
+    quality = record["pseudo_label_quality"]
+    labels, sources = seen_unlabeled_rows(config, steps=3)
+    assert quality["rows_with_hidden_label"] == int((labels >= 0).sum()) > 0
+    assert quality["unknown"]["rows"] == int((labels < 0).sum()) > 0
+    # Per source: the rows with a hidden label and those without.
+    expected = {schema.SOURCES[index]: (int((labels[sources == index] >= 0).sum()),
+                                        int((labels[sources == index] < 0).sum()))
+                for index in np.unique(sources)}
+    assert {source: (figures["rows_with_hidden_label"], figures["unknown"]["rows"])
+            for source, figures in quality["per_source"].items()} == expected
+    # τ⁰ = 0: every pseudo label is accepted, so accepted rows = rows, and their labels add up to the
+    # acceptance histogram the method reported.
+    assert quality["accepted"] == quality["rows_with_hidden_label"]
+    assert quality["accepted"] + quality["unknown"]["accepted"] == sum(record["pseudo_label_histogram"])
+    assert sum(figures["accepted_as"] for figures in quality["per_class"].values()) == quality["accepted"]
+    correct = sum(np.diag(np.array(quality["confusion"])))
+    assert quality["accuracy"] == pytest.approx(correct / quality["accepted"])
+
+
+def test_dtm_thresholds_follow_the_ema_network_on_the_labeled_set(tiny_split, tmp_path):
+    """τ_c ← µ·τ_c + (1-µ)·(mean confidence of class c over the labeled images of class c the EMA
+    network gets right), recomputed here from the checkpoints without the trainer's code."""
+    config = tiny_config(tiny_split, str(tmp_path), method="dtm", run__epochs=2, run__checkpoints_to_keep=0)
+    Trainer(config).fit()
+    folder = tmp_path / "tiny" / checkpoint.CHECKPOINT_FOLDER
+    states = [checkpoint.load(str(folder / checkpoint.checkpoint_name(epoch))) for epoch in (1, 2)]
+    before = states[0]["method"]["threshold"]["thresholds"].double()
+    after = states[1]["method"]["threshold"]["thresholds"].double()
+    method = config.method_class()(config.options(), MethodContext(
+        model=config.model, optimizer=config.optimizer, total_steps=config.total_steps))
+    method.load_state_dict(states[1]["method"])
+    labeled = read_labeled(tiny_split)
+    images, decoded = evaluation_tensor(labeled.take_images(np.arange(len(labeled))), config.data,
+                                        torch.device("cpu"))
+    network = method.ema.model.eval()
+    with torch.no_grad():
+        probabilities = network(images[torch.from_numpy(decoded)]).softmax(dim=1).double()
+    targets = torch.from_numpy(labeled.labels[decoded]).long()
+    momentum = config.options().threshold_momentum
+    expected = before.clone()
+    for label in range(8):
+        right = (targets == label) & (probabilities.argmax(dim=1) == label)
+        if right.any():
+            expected[label] = momentum * before[label] + (1 - momentum) * probabilities[right, label].mean()
+    assert not torch.equal(expected, before)  # the check can see an update that was never applied
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-6)
 
 
 def tensorboard_tags(folder) -> set[str]:
