@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: data.split: set it to a jobs.split output folder (--set data.split=...)",
               file=sys.stderr)
         return 2
-    summary_keys = ("method", "run", "epochs", "best_epoch", "best_macro_f1")
+    summary_keys = ("method", "run", "epochs", "best_epoch", "best_macro_f1", "best_selection_macro_f1",
+                    "best_report_macro_f1")
     if config.scaling.num_workers > 0:
         from pipeline.data import storage
         from pipeline.data.ray_ingest import ensure_ray

@@ -77,6 +77,9 @@ class EvaluationConfig:
     """centred or block."""
     batch_size: int = 128
     every_epochs: int = 1
+    halves_seed: int = 0
+    """Seed of the split of the validation videos into a selection half (best epoch, defaults,
+    searches choose on it) and a report half (the figure to report)."""
 
     def __post_init__(self) -> None:
         typed.check(self.mode in ("centred", "block"), "evaluation.mode", "centred or block")

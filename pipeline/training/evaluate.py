@@ -1,7 +1,11 @@
-"""Validation: predict every frame, then macro-F1 raw and after per-video smoothing.
+"""Validation: predict every frame, then macro-F1 raw and after per-video smoothing, on the whole
+validation set and on its two halves.
 
 Frames labeled -1 are predicted (they give the smoothing window its context) and left out of the
-metric, as the ABAW protocol does.
+metric, as the ABAW protocol does. The validation videos are split, by video and with a fixed seed,
+into a selection half and a report half: choices (the best epoch, a default, a searched setting)
+are made on the selection half and reported on the other, so a reported figure is not the one the
+choice was made on.
 """
 
 from __future__ import annotations
@@ -31,8 +35,24 @@ def predict_table(table: ImageTable, predict: Callable[[torch.Tensor], torch.Ten
     return probabilities
 
 
+SELECTION = "selection"
+REPORT = "report"
+
+
+def validation_halves(videos: np.ndarray, sample_ids: list[str], seed: int) -> np.ndarray:
+    """True for the frames of the selection half: the distinct videos (sorted, so the draw does not
+    depend on row order) shuffled with `seed`, the first half (rounded up) selecting. A row without
+    a video (a still image) is its own group."""
+    keys = np.array([video if video else f"image:{sample_id}" for video, sample_id in zip(videos, sample_ids)],
+                    dtype=object)
+    names = np.array(sorted(set(keys.tolist())), dtype=object)
+    order = np.random.default_rng(seed).permutation(len(names))
+    chosen = set(names[order[:(len(names) + 1) // 2]].tolist())
+    return np.array([key in chosen for key in keys], dtype=bool)
+
+
 def validation_report(table: ImageTable, probabilities: np.ndarray, windows: list[int],
-                      mode: str) -> dict[str, Any]:
+                      mode: str, halves_seed: int = 0) -> dict[str, Any]:
     predictions = probabilities.argmax(axis=1)
     undecoded = probabilities.sum(axis=1) == 0
     predictions[undecoded] = schema.NO_LABEL
@@ -50,13 +70,28 @@ def validation_report(table: ImageTable, probabilities: np.ndarray, windows: lis
         "smoothing_mode": mode,
         "smoothing_tie_rule": smoothing.TIE_RULE,
     }
+    selection = validation_halves(table.videos, table.sample_ids, halves_seed)
+    halves = {SELECTION: selection, REPORT: ~selection}
+    report["halves"] = {name: {"frames": int(mask.sum()),
+                               **_scores(np.where(mask, targets, schema.NO_LABEL), predictions)}
+                        for name, mask in halves.items()}
     if any(video == "" for video in table.videos):
         # Smoothing is per video; frames without a video (still images) have no sequence.
         report["smoothed"] = None
         return report
     for window in windows:
+        # The halves are whole videos and the window never crosses a video, so scoring the smoothed
+        # labels on a half equals smoothing that half alone.
         smoothed = smoothing.smooth_by_video(table.videos, table.frames, predictions, window, mode)
         result = metrics.classification_report(targets, smoothed)
         report["smoothed"][str(window)] = {"macro_f1": result.macro_f1,
                                            "per_class_f1": result.per_class_f1}
+        for name, mask in halves.items():
+            half = report["halves"][name].setdefault("smoothed", {})
+            half[str(window)] = _scores(np.where(mask, targets, schema.NO_LABEL), smoothed)["macro_f1"]
     return report
+
+
+def _scores(targets: np.ndarray, predictions: np.ndarray) -> dict[str, Any]:
+    result = metrics.classification_report(targets, predictions)
+    return {"scored_frames": result.count, "macro_f1": result.macro_f1}

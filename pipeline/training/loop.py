@@ -28,7 +28,7 @@ from pipeline.methods.base import Collectives, Method, MethodContext
 from pipeline.training import checkpoint
 from pipeline.training.config import TrainConfig, to_mapping
 from pipeline.training.data import ImageTable, UnlabeledStream, read_labeled, read_validation
-from pipeline.training.evaluate import predict_table, validation_report
+from pipeline.training.evaluate import REPORT, SELECTION, predict_table, validation_report
 from pipeline.training.inputs import DecodedStream, InputPipeline, UnlabeledSource
 from pipeline.training.tensorboard import TensorBoardLog
 
@@ -344,7 +344,7 @@ class Trainer:
         probabilities = predict_table(self.validation, self.method.predict,
                                       self.inputs.evaluation_images, self.config.evaluation.batch_size)
         return validation_report(self.validation, probabilities, self.config.evaluation.windows,
-                                 self.config.evaluation.mode)
+                                 self.config.evaluation.mode, self.config.evaluation.halves_seed)
 
     # --------------------------------------------------------------------------- the run
 
@@ -433,7 +433,8 @@ class Trainer:
     def final_metrics(self) -> dict[str, Any]:
         evaluated = [record for record in self.history if record["validation"]]
         last = evaluated[-1] if evaluated else None
-        best = max(evaluated, key=lambda record: record["validation"]["macro_f1"]) if evaluated else None
+        # The best epoch is chosen on the selection half; its report-half figure is the one to quote.
+        best = max(evaluated, key=selection_score) if evaluated else None
         return {
             "method": self.config.method,
             "run": self.config.run.name,
@@ -442,8 +443,21 @@ class Trainer:
             "final": last,
             "best_epoch": best["epoch"] if best else None,
             "best_macro_f1": best["validation"]["macro_f1"] if best else None,
+            "best_selection_macro_f1": selection_score(best) if best else None,
+            "best_report_macro_f1": _half(best, REPORT) if best else None,
             "config": to_mapping(self.config),
         }
+
+
+def _half(record: dict[str, Any], name: str) -> float:
+    """A validated epoch record's raw macro-F1 on one half (the whole set for records written
+    before the halves existed)."""
+    halves = record["validation"].get("halves")
+    return halves[name]["macro_f1"] if halves else record["validation"]["macro_f1"]
+
+
+def selection_score(record: dict[str, Any]) -> float:
+    return _half(record, SELECTION)
 
 
 def worker_metrics_uri(run_folder: str, rank: int) -> str:

@@ -199,6 +199,10 @@ def flat_metrics(record: dict[str, Any]) -> dict[str, float | int]:
             metrics[f"f1_{name.lower()}"] = value
         for window, smoothed in (validation["smoothed"] or {}).items():
             metrics[f"macro_f1_smoothed_{window}"] = smoothed["macro_f1"]
+        for half, figures in (validation.get("halves") or {}).items():
+            metrics[f"macro_f1_{half}"] = figures["macro_f1"]
+            for window, value in (figures.get("smoothed") or {}).items():
+                metrics[f"macro_f1_smoothed_{window}_{half}"] = value
     return {name: value for name, value in metrics.items() if value is not None}
 
 

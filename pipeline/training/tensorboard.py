@@ -45,6 +45,10 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
             values[f"validation_f1/{schema.CLASS_NAMES[index]}"] = value
         for window, smoothed in (validation.get("smoothed") or {}).items():
             values[f"validation/macro_f1_smoothed_{window}"] = smoothed["macro_f1"]
+        for half, figures in (validation.get("halves") or {}).items():
+            values[f"validation_{half}/macro_f1"] = figures["macro_f1"]
+            for window, value in (figures.get("smoothed") or {}).items():
+                values[f"validation_{half}/macro_f1_smoothed_{window}"] = value
     return values
 
 

@@ -69,10 +69,16 @@ def test_metrics_and_checkpoints_are_written(tiny_split, tmp_path):
     assert set(validation["smoothed"]) == {"5"}
     assert checkpoint.list_checkpoints(str(run)) == [1, 2]
     assert final["epochs"] == 2 and final["steps"] == 6
-    best = max(lines, key=lambda line: line["validation"]["macro_f1"])
-    assert json.loads((run / "metrics.json").read_text())["best_epoch"] == best["epoch"]
+    # The best epoch is chosen on the selection half of the validation videos, and reported with
+    # its report-half figure.
+    best = max(lines, key=lambda line: line["validation"]["halves"]["selection"]["macro_f1"])
+    written = json.loads((run / "metrics.json").read_text())
+    assert written["best_epoch"] == best["epoch"]
+    assert written["best_report_macro_f1"] == best["validation"]["halves"]["report"]["macro_f1"]
+    assert validation["halves"]["selection"]["frames"] + validation["halves"]["report"]["frames"] == len(labels)
     assert tensorboard_tags(run / "tensorboard") >= {
-        "loss/loss", "validation/macro_f1", "validation/macro_f1_smoothed_5", "throughput/images_per_second"}
+        "loss/loss", "validation/macro_f1", "validation/macro_f1_smoothed_5", "throughput/images_per_second",
+        "validation_selection/macro_f1", "validation_report/macro_f1_smoothed_5"}
 
 
 def seen_unlabeled_rows(config, steps: int) -> tuple[np.ndarray, np.ndarray]:
