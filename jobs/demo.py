@@ -84,6 +84,22 @@ def downstream(out: str, run: str, shard_folder: str, split_folder: str, run_sto
             f"{storage.join(run_storage, 'demo_temporal')} (temporal run)")
 
 
+def pseudo_label_lines(quality: dict | None) -> str:
+    """The last epoch's pseudo labels against the labels the split hid, for a person to read."""
+    if not quality or quality["accuracy"] is None:
+        return "pseudo labels (last epoch): none accepted among rows with a hidden label"
+    lines = [f"pseudo labels (last epoch): {quality['accepted']:,} of {quality['rows_with_hidden_label']:,} "
+             f"rows with a hidden label accepted ({quality['acceptance_rate']:.1%}), "
+             f"accuracy {quality['accuracy']:.1%}; {quality['unknown']['accepted']:,} of "
+             f"{quality['unknown']['rows']:,} rows without a label accepted",
+             f"  {'class':<10} {'accepted':>8} {'precision':>9} {'coverage':>8}"]
+    for name, figures in quality["per_class"].items():
+        precision = "-" if figures["precision"] is None else f"{figures['precision']:.2f}"
+        coverage = "-" if figures["coverage"] is None else f"{figures['coverage']:.2f}"
+        lines.append(f"  {name:<10} {figures['accepted_as']:>8,} {precision:>9} {coverage:>8}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_run")
@@ -135,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         smoothed = ", ".join(f"window {window}: {value['macro_f1']:.3f}"
                              for window, value in (validation.get("smoothed") or {}).items())
         print(f"validation macro-F1 {validation.get('macro_f1', float('nan')):.3f} raw; smoothed {smoothed}")
+        if final["best_epoch"] is not None:
+            print(f"best epoch {final['best_epoch']} (chosen on the selection half of the validation "
+                  f"videos: {final['best_selection_macro_f1']:.3f}); report half {final['best_report_macro_f1']:.3f}")
+        print(pseudo_label_lines((final["final"] or {}).get("pseudo_label_quality")))
         run = storage.join(run_storage, config.run.name)
         outputs += f", {run} (run)"
         if not arguments.skip_downstream:

@@ -79,3 +79,21 @@ def build_tiny_split(root) -> str:
                       progress=False)
     make_split(str(root / "shards"), str(root / "split"), per_class=4, seed=0)
     return str(root / "split")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Leave no Ray behind at interpreter exit: a job under test may have started one, and Ray
+    Data's block prefetcher threads (daemons that never stop for an iterator left in mid-pass)
+    must not be running while the interpreter tears down."""
+    import sys
+    import threading
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    for thread in threading.enumerate():
+        target = getattr(thread, "_target", None)
+        stop = getattr(getattr(target, "__self__", None), "stop", None)
+        if thread.name == "Prefetcher" and stop is not None:
+            stop()
+            thread.join(timeout=5)

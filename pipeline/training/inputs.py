@@ -97,6 +97,9 @@ class UnlabeledSource(abc.ABC):
     @abc.abstractmethod
     def load_state_dict(self, state: dict[str, int]) -> None: ...
 
+    def close(self) -> None:
+        """Release what the source holds open (threads, iterators); it is not used again."""
+
 
 class DecodedStream(UnlabeledSource):
     """An `UnlabeledStream` of image bytes decoded in this process (the single-process path)."""
@@ -239,3 +242,5 @@ class InputPipeline:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.unlabeled is not None:
+            self.unlabeled.close()

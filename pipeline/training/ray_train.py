@@ -360,11 +360,19 @@ class StreamedUnlabeled(UnlabeledSource):
     def state_dict(self) -> dict[str, int]:
         return {"pass_number": self.pass_number, "batches": self.batches}
 
+    def close(self) -> None:
+        # A pass left half-read keeps Ray Data's prefetch thread (a daemon) alive; closing the
+        # generator runs its clean-up. A daemon thread still running at interpreter exit can crash it.
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+        self._iterator = None
+
     def load_state_dict(self, state: dict[str, int]) -> None:
         started = int(state.get("batches", state.get("emitted", 0))) > 0
         self.pass_number = int(state["pass_number"]) + int(started)
         self.batches = 0
-        self._iterator = None
+        self.close()
 
 
 def streamed_unlabeled(config: TrainConfig, shard: Any, rank: int) -> StreamedUnlabeled:

@@ -99,6 +99,7 @@ def test_demo_runs_end_to_end_and_reuses_its_corpus(tmp_path, capsys, local_ray)
     assert "== split ==" in printed.out and "ms1mv2:" in printed.out
     assert "[ingest affwild2]" in printed.err  # progress output
     assert "== train demo_abaw5_dtm (dtm) ==" in printed.out and "validation macro-F1" in printed.out
+    assert "chosen on the selection half" in printed.out and "pseudo labels (last epoch):" in printed.out
     assert (out / "runs" / "demo_abaw5_dtm" / "metrics.json").exists()
     for source in schema.SOURCES:
         assert shards.Manifest.load(str(out / "shards" / source)).rows > 0
@@ -111,3 +112,19 @@ def test_demo_runs_end_to_end_and_reuses_its_corpus(tmp_path, capsys, local_ray)
     assert "reusing corpus" in capsys.readouterr().out
     second = shards.Manifest.load(str(out / "split" / "labeled"))
     assert [entry.checksum for entry in second.files] == [entry.checksum for entry in first.files]
+
+
+def test_demo_prints_pseudo_label_quality_per_class():
+    import torch
+
+    from pipeline.core.pseudo_label_quality import add_counts, empty_counts, quality_report
+
+    counts = empty_counts()
+    add_counts(counts, torch.tensor([0, 0, 4, -1]), torch.tensor([0, 4, 4, 1]),
+               torch.tensor([True, True, False, True]), torch.tensor([1, 1, 2, 3]))
+    text = demo_job.pseudo_label_lines(quality_report(counts))
+    assert text.splitlines()[0] == ("pseudo labels (last epoch): 2 of 3 rows with a hidden label accepted "
+                                    "(66.7%), accuracy 50.0%; 1 of 1 rows without a label accepted")
+    assert "  Neutral           1      1.00     1.00" in text.splitlines()
+    assert "  Happiness         1      0.00     0.00" in text.splitlines()
+    assert demo_job.pseudo_label_lines(None).endswith("none accepted among rows with a hidden label")

@@ -8,9 +8,8 @@ import pytest
 from sklearn.metrics import f1_score
 
 from pipeline.core import smoothing
-from pipeline.data import schema
-from pipeline.training.evaluate import REPORT, SELECTION, validation_halves, validation_report
 from pipeline.training.data import ImageTable
+from pipeline.training.evaluate import REPORT, SELECTION, validation_halves, validation_report
 
 
 def frames_table(videos: list[str], labels: list[int]) -> ImageTable:

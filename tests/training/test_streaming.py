@@ -3,6 +3,9 @@ dataset on a local Ray (the Ray Train path itself is in test_distributed.py)."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -70,6 +73,13 @@ def test_stream_runs_whole_passes_and_resumes_at_a_pass_boundary(local_ray):
     assert len(set(seen)) == len(seen)
     stream.take_prepared(4, None, None)  # the next pass begins
     assert stream.state_dict() == {"pass_number": 1, "batches": 1}
+    # Closing a stream in mid-pass stops the threads that read ahead for it.
+    assert any(thread.name == "iter_threaded" for thread in threading.enumerate())
+    stream.close()
+    deadline = time.monotonic() + 10  # they see the close at their next wake-up
+    while any(thread.name == "iter_threaded" for thread in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(thread.name == "iter_threaded" for thread in threading.enumerate())
 
     restored = StreamedUnlabeled(dataset.iterator(), 4, 0, seed=0, rank=0)
     restored.load_state_dict(stream.state_dict())
@@ -104,3 +114,4 @@ def test_pool_dataset_streams_exactly_the_pool(local_ray, tmp_path):
         assert batch[PREPARED_PIXELS].shape == (8, 24, 24, 3)
         total += 8
     assert expected - 8 < total <= expected  # one whole pass, only the last partial batch dropped
+    stream.close()
