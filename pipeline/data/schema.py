@@ -5,6 +5,7 @@ Every other module names columns through the constants here, never by hand.
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 # Bump when a column is added, removed or changes meaning; manifests record it and readers refuse
@@ -87,8 +88,6 @@ RUN_ID = "run_id"          # the training run whose model produced the row
 def source_indices(sources, known: tuple[str, ...] = SOURCES):
     """Each row's source as its index in `known` (int64 numpy); an unknown source is an error
     naming it."""
-    import numpy as np
-
     position = {name: index for index, name in enumerate(known)}
     try:
         return np.array([position[name] for name in sources], dtype=np.int64)

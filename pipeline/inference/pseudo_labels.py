@@ -47,22 +47,19 @@ def summarise(tables: list[pa.Table]) -> dict[str, Any]:
     the accepted pseudo labels against the labels the split hid (`core.pseudo_label_quality`:
     per-class precision, recall and coverage, the confusion matrix, per source; rows without a
     known label, MS1MV2 and Aff-Wild2's -1 frames, are counted as "unknown")."""
-    accepted = np.zeros(schema.NUM_CLASSES, np.int64)
     predicted_counts = np.zeros(schema.NUM_CLASSES, np.int64)
     quality = empty_counts()
     rows = undecodable = 0
     for table in tables:
-        add_counts(quality, torch.from_numpy(hidden_labels(table)),
-                   torch.from_numpy(table[PREDICTED].to_numpy().astype(np.int64)),
+        predicted = table[PREDICTED].to_numpy()
+        add_counts(quality, torch.from_numpy(hidden_labels(table)), torch.from_numpy(predicted.astype(np.int64)),
                    torch.from_numpy(table[ACCEPTED].to_numpy(zero_copy_only=False).astype(bool)),
                    torch.from_numpy(schema.source_indices(table[schema.SOURCE].to_pylist())))
-        predicted = table[PREDICTED].to_numpy()
-        flags = table[ACCEPTED].to_numpy(zero_copy_only=False)
         rows += table.num_rows
         undecodable += int((~table[DECODED].to_numpy(zero_copy_only=False)).sum())
-        valid = predicted >= 0
-        predicted_counts += np.bincount(predicted[valid], minlength=schema.NUM_CLASSES)
-        accepted += np.bincount(predicted[valid & flags], minlength=schema.NUM_CLASSES)
+        predicted_counts += np.bincount(predicted[predicted >= 0], minlength=schema.NUM_CLASSES)
+    # Accepted rows by pseudo label, whatever their hidden label: a sum of the quality table.
+    accepted = quality[:, :, :schema.NUM_CLASSES].sum(dim=(0, 1)).numpy()
     return {
         "rows": rows,
         "undecodable": undecodable,

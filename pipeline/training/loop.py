@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from pipeline.config import ConfigError
+from pipeline.core.pseudo_label_quality import add_counts, empty_counts, quality_report
 from pipeline.core.thresholds import ClassStatistics
 from pipeline.data import schema, storage
 from pipeline.data.pseudo_labels import read_accepted
-from pipeline.core.pseudo_label_quality import add_counts, empty_counts, quality_report
 from pipeline.data.sampler import ClassBalancedSampler
 from pipeline.methods.base import Collectives, Method, MethodContext
 from pipeline.training import checkpoint
@@ -141,7 +141,6 @@ def _map_tensors(value: Any, function: Callable[[torch.Tensor], torch.Tensor]) -
 class EpochTotals:
     steps: int = 0
     images: int = 0
-    candidates: int = 0
     undecodable: int = 0
     seconds: float = 0.0
     input_seconds: float = 0.0
@@ -149,9 +148,9 @@ class EpochTotals:
 
     def __post_init__(self) -> None:
         self.losses: dict[str, float] = {}
-        self.accepted = torch.zeros(schema.NUM_CLASSES, dtype=torch.float64)
-        # Pseudo labels against the labels the split hid (`core.pseudo_label_quality`), counted on
-        # the training device so no step waits for the host.
+        # Every pseudo label of the epoch against the label the split hid (`core.pseudo_label_quality`),
+        # counted on the training device so no step waits for the host; the acceptance rate and the
+        # accepted-per-class histogram are sums of this table.
         self.pseudo_label_counts = empty_counts()
 
     def add_losses(self, losses: dict[str, float]) -> None:
@@ -301,9 +300,6 @@ class Trainer:
             totals.images += len(batch.labels) + (len(batch.unlabeled_weak)
                                                   if batch.unlabeled_weak is not None else 0)
             totals.add_losses(result.losses)
-            if result.accepted is not None:
-                totals.accepted += result.accepted.detach().double().cpu()
-                totals.candidates += result.candidates
             if not all(math.isfinite(value) for value in result.losses.values()):
                 raise FloatingPointError(f"non-finite loss at step {self.global_step}: {result.losses}")
         totals.seconds = time.perf_counter() - started
@@ -350,15 +346,15 @@ class Trainer:
 
     def epoch_metrics(self, totals: EpochTotals, validation: dict[str, Any] | None,
                       fingerprint: list[float] | None = None) -> dict[str, Any]:
-        """The epoch's record. Pseudo-label counts and images/s total are summed over workers (one
-        all-reduce); losses and images_per_second are this worker's."""
+        """The epoch's record. Pseudo-label counts and images/s total are summed over workers (two
+        all-reduces); losses and images_per_second are this worker's."""
         thresholds = self.method.thresholds()
         images_per_second = totals.images / max(totals.seconds, 1e-9)
-        local = torch.cat([totals.accepted,
-                           torch.tensor([totals.candidates, images_per_second], dtype=torch.float64)])
-        summed = self.collectives.all_reduce_sum(local).to("cpu", torch.float64)
-        accepted, candidates = summed[:schema.NUM_CLASSES], int(round(float(summed[-2])))
+        images_per_second_total = float(self.collectives.all_reduce_sum(
+            torch.tensor([images_per_second], dtype=torch.float64)).cpu()[0])
         pseudo_label_counts = self.collectives.all_reduce_sum(totals.pseudo_label_counts).cpu()
+        candidates = int(pseudo_label_counts.sum())
+        accepted = pseudo_label_counts[:, :, :schema.NUM_CLASSES].sum(dim=(0, 1))  # by pseudo label
         return {
             "epoch": self.epoch,
             "step": self.global_step,
@@ -367,13 +363,13 @@ class Trainer:
                                for group in optimizer.param_groups],
             "thresholds": thresholds.tolist() if thresholds is not None else None,
             "pseudo_label_acceptance_rate": float(accepted.sum() / candidates) if candidates else None,
-            "pseudo_label_histogram": accepted.round().long().tolist() if candidates else None,
+            "pseudo_label_histogram": accepted.tolist() if candidates else None,
             # Of the unlabeled rows seen this epoch, against the labels the split hid: acceptance
             # rate, accuracy of the accepted pseudo labels, per class and per source.
             "pseudo_label_quality": (quality_report(pseudo_label_counts)
                                      if int(pseudo_label_counts.sum()) else None),
             "images_per_second": images_per_second,
-            "images_per_second_total": float(summed[-1]),
+            "images_per_second_total": images_per_second_total,
             "input_wait_fraction": totals.input_seconds / max(totals.seconds, 1e-9),
             "undecodable_images": totals.undecodable,
             "validation": validation,
