@@ -91,6 +91,9 @@ class Views:
     labeled_strong: bool = False
     unlabeled: bool = False
     unlabeled_strong: bool = False
+    unlabeled_required: bool = False
+    """True for a method that cannot train without unlabeled images (feedback's student learns from
+    them alone), so data.use_unlabeled=false is refused when the config loads, not at the first step."""
 
 
 @dataclass

@@ -80,7 +80,8 @@ class DebiasedFeedbackOptions:
 class DebiasedFeedback(Method):
     name = "feedback"
     Options = DebiasedFeedbackOptions
-    views = Views(unlabeled=True, unlabeled_strong=True)
+    # Its ablation control keeps the unlabeled data and sets feedback_weight=0 instead.
+    views = Views(unlabeled=True, unlabeled_strong=True, unlabeled_required=True)
 
     def __init__(self, options: DebiasedFeedbackOptions, context: MethodContext) -> None:
         super().__init__(options, context)

@@ -131,14 +131,20 @@ class MutexMatch(Method):
         pooled = self.model.forward_head(features, pre_logits=True)
         return self.model.get_classifier()(pooled).float(), self.negative_classifier(pooled).float()
 
-    def compute_losses(self, batch: TrainBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """The step's losses, and the pseudo labels and confidence mask on the unlabeled batch."""
-        if batch.unlabeled_weak is None or batch.unlabeled_strong is None:
-            raise ValueError("mutexmatch needs unlabeled weak and strong views in every batch")
-        labeled_count, unlabeled_count = len(batch.labeled_weak), len(batch.unlabeled_weak)
+    def compute_losses(self, batch: TrainBatch
+                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+        """The step's losses, and the pseudo labels and confidence mask on the unlabeled batch.
+
+        A batch without unlabeled views (data.use_unlabeled=false, the method's ablation control)
+        trains the TPC and TNC on the labeled terms alone; the unlabeled terms are then zero."""
+        has_weak, has_strong = batch.unlabeled_weak is not None, batch.unlabeled_strong is not None
+        if has_weak != has_strong:
+            raise ValueError("mutexmatch needs both unlabeled views or neither")
+        labeled_count = len(batch.labeled_weak)
+        unlabeled_count = len(batch.unlabeled_weak) if has_weak else 0
+        images = [batch.labeled_weak] + ([batch.unlabeled_weak, batch.unlabeled_strong] if has_weak else [])
         with self.autocast():
-            positive, negative = self._classify(
-                torch.cat([batch.labeled_weak, batch.unlabeled_weak, batch.unlabeled_strong]))
+            positive, negative = self._classify(torch.cat(images))
         positive_labeled, positive_weak, positive_strong = positive.split(
             [labeled_count, unlabeled_count, unlabeled_count])
         negative_labeled, negative_weak, negative_strong = negative.split(
@@ -152,6 +158,12 @@ class MutexMatch(Method):
             losses["labeled_complementary_loss"] = cross_entropy(negative_labeled, targets)
         else:
             losses["labeled_complementary_loss"] = torch.zeros((), device=positive.device)
+
+        if not unlabeled_count:
+            zero = torch.zeros((), device=positive.device)
+            losses.update(unlabeled_loss=zero, separation_loss=zero, negative_consistency_loss=zero)
+            losses["loss"] = losses["labeled_loss"] + losses["labeled_complementary_loss"]
+            return losses, None, None
 
         weak_probabilities = positive_weak.detach().softmax(dim=1)
         pseudo = split_by_confidence(weak_probabilities, self.threshold.thresholds)
@@ -180,6 +192,10 @@ class MutexMatch(Method):
         self.optimizer.step()
         self.scheduler.step()
         logged = {name: value.item() for name, value in losses.items()}
+        if confident is None:
+            logged["mask_rate"] = 0.0
+            return StepResult(logged, accepted=torch.zeros(self.num_classes, dtype=torch.int64,
+                                                           device=losses["loss"].device))
         logged["mask_rate"] = confident.float().mean().item()
         return StepResult(logged, accepted=acceptance_histogram(pseudo_labels, confident, self.num_classes),
                           candidates=len(confident), pseudo_labels=pseudo_labels, accepted_mask=confident)

@@ -187,6 +187,11 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
     """Recipe YAML (or `base`) + overrides -> a validated TrainConfig."""
     config = typed.from_mapping(TrainConfig, recipe_mapping(path, overrides, base))
     config.options()  # validate the method's own options now, not mid-run
+    needs = config.method_class().views
+    typed.check(not needs.unlabeled_required
+                or (config.data.use_unlabeled and config.data.unlabeled_ratio > 0),
+                "data.use_unlabeled", f"{config.method} learns from unlabeled images and cannot run "
+                "without them (needs data.use_unlabeled=true and data.unlabeled_ratio > 0)")
     return config
 
 

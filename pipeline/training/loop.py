@@ -24,7 +24,7 @@ from pipeline.core.thresholds import ClassStatistics
 from pipeline.data import schema, storage
 from pipeline.data.pseudo_labels import read_accepted
 from pipeline.data.sampler import ClassBalancedSampler
-from pipeline.methods.base import Collectives, Method, MethodContext
+from pipeline.methods.base import Collectives, Method, MethodContext, StepResult, TrainBatch
 from pipeline.training import checkpoint
 from pipeline.training.config import TrainConfig, to_mapping
 from pipeline.training.data import ImageTable, UnlabeledStream, read_labeled, read_validation
@@ -137,6 +137,19 @@ def _map_tensors(value: Any, function: Callable[[torch.Tensor], torch.Tensor]) -
     return value
 
 
+class StepObserver:
+    """Watches each training step without taking part: `Trainer` calls it on every worker just
+    before and just after `method.train_step`, with the batch the method receives. For
+    instrumentation (the data-parallel equivalence test records each worker's batch and parameters
+    around a step); an observer must leave the trainer, its method and the batch unchanged."""
+
+    def before_step(self, trainer: Trainer, batch: TrainBatch) -> None:
+        """The method holds the state the step starts from; `trainer.global_step` is the step's number."""
+
+    def after_step(self, trainer: Trainer, batch: TrainBatch, result: StepResult) -> None:
+        """The step is done: gradients averaged over the workers and applied."""
+
+
 @dataclass
 class EpochTotals:
     steps: int = 0
@@ -164,11 +177,13 @@ class Trainer:
     def __init__(self, config: TrainConfig, collectives: Collectives | None = None, rank: int = 0,
                  world_size: int = 1, report: Reporter | None = None,
                  run_folder: str | None = None, save_checkpoints: bool = True,
-                 unlabeled: UnlabeledSource | None = None) -> None:
+                 unlabeled: UnlabeledSource | None = None,
+                 step_observer: StepObserver | None = None) -> None:
         """`save_checkpoints=False` leaves checkpoints to the caller (Ray Train saves them from the
         `report` callback and restores them with `load_state`); metrics still go to `run_folder`.
         `unlabeled` replaces the in-process stream over the pool (Ray Train passes its Ray Data
-        stream); it is used only by methods that take unlabeled images."""
+        stream); it is used only by methods that take unlabeled images. `step_observer` sees every
+        step's batch (see StepObserver)."""
         self.config = config
         self.collectives = collectives or Collectives()
         self.rank = rank
@@ -176,6 +191,7 @@ class Trainer:
         self.report = report
         self.run_folder = run_folder or storage.join(config.run.storage, config.run.name)
         self.save_checkpoints = save_checkpoints
+        self.step_observer = step_observer
         self.device = resolve_device(config.run.device)
         if config.run.threads:
             torch.set_num_threads(config.run.threads)
@@ -290,7 +306,11 @@ class Trainer:
             waited = time.perf_counter()
             batch, undecodable, hidden = self.inputs.next(batch_indices, following)
             totals.input_seconds += time.perf_counter() - waited
+            if self.step_observer:
+                self.step_observer.before_step(self, batch)
             result = self.method.train_step(batch, self.global_step)
+            if self.step_observer:
+                self.step_observer.after_step(self, batch, result)
             if hidden is not None and result.accepted_mask is not None:
                 add_counts(totals.pseudo_label_counts, hidden.labels, result.pseudo_labels,
                            result.accepted_mask, hidden.sources)

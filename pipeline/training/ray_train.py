@@ -37,7 +37,7 @@ from pipeline.training import checkpoint
 from pipeline.training.config import DataConfig, TrainConfig, load_config, to_mapping
 from pipeline.training.inputs import (PREPARED_HIDDEN_LABEL, PREPARED_OK, PREPARED_PIXELS, PREPARED_SOURCE,
                                       PoolViews, PreparedUnlabeled, UnlabeledSource)
-from pipeline.training.loop import WORKER_STATE_KEYS, Trainer
+from pipeline.training.loop import WORKER_STATE_KEYS, StepObserver, Trainer
 
 WORKER_CHECKPOINT_FOLDER = "workers"
 POOL_COLUMNS = [schema.SAMPLE_ID, schema.IMAGE, schema.SOURCE, schema.SPLIT, schema.LABEL]
@@ -125,7 +125,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             config, ray.train.get_dataset_shard(DATASET_NAME), rank)
     trainer = Trainer(config, collectives=TorchCollectives(), rank=rank, world_size=world_size,
                       report=reporter, run_folder=run_folder(config), save_checkpoints=False,
-                      unlabeled=unlabeled)
+                      unlabeled=unlabeled, step_observer=loop_config.get("step_observer"))
     reporter.trainer = trainer
     restored = ray.train.get_checkpoint()  # a restart after a failure, or a re-run of the same name
     if restored is not None:
@@ -214,8 +214,11 @@ def run_folder(config: TrainConfig) -> str:
     return storage.join(storage.absolute(config.run.storage), config.run.name)
 
 
-def build_trainer(config: TrainConfig, kill_worker: WorkerKill | None = None) -> TorchTrainer:
+def build_trainer(config: TrainConfig, kill_worker: WorkerKill | None = None,
+                  step_observer: StepObserver | None = None) -> TorchTrainer:
     """A TorchTrainer for `config`: scaling, storage, failure and checkpoint settings from it.
+    `step_observer` is pickled to every worker, whose Trainer calls its copy around each step (see
+    StepObserver; it must be importable there).
 
     Calling `fit()` again with the same `run.name` and `run.storage` continues the run from its
     latest checkpoint (Ray restores its checkpoint list from the storage folder).
@@ -242,7 +245,8 @@ def build_trainer(config: TrainConfig, kill_worker: WorkerKill | None = None) ->
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_mapping(config),
-                           "kill_worker": dataclasses.asdict(kill_worker) if kill_worker else None},
+                           "kill_worker": dataclasses.asdict(kill_worker) if kill_worker else None,
+                           "step_observer": step_observer},
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
             resources_per_worker={"CPU": scaling.cpus_per_worker}),

@@ -12,8 +12,8 @@ import torch
 from pipeline.methods.base import OptimizerConfig, TrainBatch
 from pipeline.methods.dtm import DynamicThresholdOptions, DynamicThresholdSSL
 
-from synthetic import (CLASSES, FixedLogits, accuracy, build_method, colour_blob_batch, colour_blob_problem,
-                       save_and_load, seeded_batch, train)
+from synthetic import (CLASSES, FixedLogits, accuracy, build_method, cluster_accuracy, cluster_method,
+                       colour_blob_batch, colour_blob_problem, save_and_load, seeded_batch, train)
 
 # DTM on the test ResNet (Adam, lr 1e-3); batches of 8 labeled and 12 unlabeled noise images.
 build = partial(build_method, DynamicThresholdSSL)
@@ -184,3 +184,22 @@ def test_learns_a_tiny_problem_and_accepts_pseudo_labels(unlabeled_loss):
     assert accuracy(method, problem.test_images, problem.test_labels) >= 0.6
     assert sum(accepted[-epoch_steps:]) > 0
     assert not torch.allclose(method.thresholds(), torch.full((CLASSES,), 0.8))
+
+
+SEEDS = range(5)
+
+
+@pytest.mark.parametrize("unlabeled_loss", ["average", "stop_gradient"])
+def test_unlabeled_data_beats_the_same_run_without_it(unlabeled_loss):
+    """Two labels per class on Gaussian clusters (tests/synthetic.py): DTM against itself with the
+    unlabeled batch switched off, same seeds, steps and labeled batches. Seeds 0-9 measured:
+    control 0.64-0.77, average 0.70-0.97 (paired gain 0.06-0.26, mean 0.19), stop_gradient
+    0.83-0.98 (gain 0.18-0.27, mean 0.22). The labels alone never reach 0.8."""
+    build = cluster_method(DynamicThresholdSSL, ema_decay=0.9, unlabeled_loss=unlabeled_loss)
+    with_unlabeled = [cluster_accuracy(build, seed) for seed in SEEDS]
+    without = [cluster_accuracy(build, seed, use_unlabeled=False) for seed in SEEDS]
+    gains = [left - right for left, right in zip(with_unlabeled, without)]
+    assert max(without) < 0.8
+    assert sum(with_unlabeled) / len(SEEDS) >= 0.85
+    assert sum(gains) / len(SEEDS) >= 0.12, gains
+    assert min(gains) > 0.0, gains

@@ -14,8 +14,8 @@ from pipeline.methods.mutexmatch import (MutexMatch, MutexMatchOptions, compleme
                                          negative_consistency_loss, random_complementary_labels,
                                          split_by_confidence, top_k_mask)
 
-from synthetic import (CLASSES, StubBackbone, StubContext, make_context, random_batch, resume_and_step,
-                       train_and_score)
+from synthetic import (CLASSES, StubBackbone, StubContext, cluster_accuracy, cluster_method, make_context,
+                       random_batch, resume_and_step, train_and_score)
 
 # ------------------------------------------------------------------------------ pure pieces
 
@@ -246,3 +246,34 @@ def test_learns_colour_blobs_from_few_labels():
         return MutexMatch(MutexMatchOptions(), make_context(total_steps=steps))
 
     assert train_and_score(build, seed=0, steps=60, unlabeled=200, thresholds=True) >= 0.5
+
+
+
+def test_a_batch_without_unlabeled_views_trains_the_labeled_terms_alone():
+    # data.use_unlabeled=false, the ablation control: the TPC's CE and the TNC's complementary CE.
+    method = MutexMatch(MutexMatchOptions(), make_context())
+    batch = random_batch(torch.Generator().manual_seed(0), labeled=4)
+    result = method.train_step(batch, step=0)
+    assert result.candidates == 0 and result.pseudo_labels is None
+    assert result.losses["unlabeled_loss"] == result.losses["separation_loss"] == 0.0
+    assert result.losses["loss"] == pytest.approx(result.losses["labeled_loss"]
+                                                  + result.losses["labeled_complementary_loss"])
+    with pytest.raises(ValueError, match="both unlabeled views or neither"):
+        method.train_step(TrainBatch(labeled_weak=batch.labeled_weak, labels=batch.labels,
+                                     unlabeled_weak=batch.labeled_weak), step=1)
+
+
+def test_unlabeled_data_beats_the_same_run_without_it():
+    """Two labels per class on Gaussian clusters (tests/synthetic.py): MutexMatch against itself
+    with the unlabeled batch switched off, same seeds, steps and labeled batches. Seeds 0-9
+    measured: control 0.64-0.77, MutexMatch 0.74-1.00 (paired gain 0.03-0.36, mean 0.23; the
+    two low seeds merge two clusters). The labels alone never reach 0.8."""
+    build = cluster_method(MutexMatch)
+    seeds = range(5)
+    with_unlabeled = [cluster_accuracy(build, seed) for seed in seeds]
+    without = [cluster_accuracy(build, seed, use_unlabeled=False) for seed in seeds]
+    gains = [left - right for left, right in zip(with_unlabeled, without)]
+    assert max(without) < 0.8
+    assert sum(with_unlabeled) / len(seeds) >= 0.85
+    assert sum(gains) / len(seeds) >= 0.12, gains
+    assert min(gains) > 0.0, gains

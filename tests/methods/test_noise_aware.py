@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from pipeline.methods.base import OptimizerConfig, TrainBatch, find_method
+from pipeline.methods.supervised import Supervised
 from pipeline.methods.noise_aware import (NoiseAware, NoiseAwareOptions, class_activation_maps,
                                           flipped_view_consistency, rank_regularization,
                                           weighted_cross_entropy)
 
-from synthetic import (CLASSES, StubBackbone, StubContext, make_context, random_batch, resume_and_step,
-                       train_and_score)
+from synthetic import (CLASSES, StubBackbone, StubContext, cluster_accuracy, cluster_method, make_context,
+                       random_batch, resume_and_step, train_and_score)
 
 
 def test_registered_with_its_views():
@@ -267,3 +268,38 @@ def test_learns_colour_blobs():
 def test_learns_colour_blobs_with_30_percent_flipped_labels():
     # Seeds 0-5 reach 0.615, 0.785, 0.905, 0.565, 0.79, 0.905 (one thread); chance is 0.25.
     assert score_on_blobs(flipped=0.3) >= 0.45
+
+
+
+# Gaussian clusters (tests/synthetic.py), 25 labeled points per class of which 40% carry another
+# class's label, batches of 32 with the labeled strong view, 200 steps, thresholds every 20.
+NOISY_CLUSTERS = dict(labeled_per_class=25, flipped=0.4, labeled_batch=32, labeled_strong=True,
+                      use_unlabeled=False, steps=200, threshold_every=20)
+NOISY_SEEDS = range(5)
+
+
+def noisy_cluster_scores(method_class: type, **options) -> list[float]:
+    build = cluster_method(method_class, steps=200, **options)
+    return [cluster_accuracy(build, seed, **NOISY_CLUSTERS) for seed in NOISY_SEEDS]
+
+
+def test_beats_plain_cross_entropy_on_the_same_noisy_labels():
+    """Seeds 0-9 measured: noise-aware 0.87-0.99, plain CE (the supervised method, same network,
+    optimizer and batches) 0.47-0.56, noise-aware with its split and consistency off 0.50-0.63."""
+    full = noisy_cluster_scores(NoiseAware)
+    plain = noisy_cluster_scores(Supervised)
+    machinery_off = noisy_cluster_scores(NoiseAware, clean_split=False, consistency_weight=0.0)
+    assert min(left - right for left, right in zip(full, plain)) >= 0.2, (full, plain)
+    assert min(left - right for left, right in zip(full, machinery_off)) >= 0.15, (full, machinery_off)
+    assert max(plain) < 0.7 <= min(full)
+
+
+def test_the_clean_split_and_the_consistency_each_help():
+    """Each part switched off alone, seeds 0-9: without the clean split 0.73-0.88 (paired loss
+    against the full model 0.10-0.21), without the consistency 0.53-0.73 (0.25-0.40)."""
+    full = noisy_cluster_scores(NoiseAware)
+    for options in ({"clean_split": False}, {"consistency_weight": 0.0}):
+        ablated = noisy_cluster_scores(NoiseAware, **options)
+        losses = [left - right for left, right in zip(full, ablated)]
+        assert sum(losses) / len(NOISY_SEEDS) >= 0.08, (options, losses)
+        assert min(losses) > 0.0, (options, losses)

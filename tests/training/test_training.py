@@ -18,7 +18,7 @@ from pipeline.training import checkpoint
 from pipeline.training.config import load_config
 from pipeline.training.data import UnlabeledStream, read_labeled, read_validation
 from pipeline.training.inputs import evaluation_tensor, make_views
-from pipeline.training.loop import METRICS_LINES, Trainer
+from pipeline.training.loop import METRICS_LINES, StepObserver, Trainer
 
 from conftest import build_tiny_split
 
@@ -117,33 +117,72 @@ def test_pseudo_label_quality_counts_the_rows_the_method_saw(tiny_split, tmp_pat
     assert quality["accuracy"] == pytest.approx(correct / quality["accepted"])
 
 
-def test_dtm_thresholds_follow_the_ema_network_on_the_labeled_set(tiny_split, tmp_path):
-    """τ_c ← µ·τ_c + (1-µ)·(mean confidence of class c over the labeled images of class c the EMA
-    network gets right), recomputed here from the checkpoints without the trainer's code."""
-    config = tiny_config(tiny_split, str(tmp_path), method="dtm", run__epochs=2, run__checkpoints_to_keep=0)
+def expected_thresholds(method_name: str, options, probabilities: torch.Tensor, targets: torch.Tensor,
+                        before: torch.Tensor, epoch: int) -> torch.Tensor:
+    """Each threshold kind's update written out from its paper, without the trainer's code."""
+    expected = before.clone()
+    if method_name == "dtm":
+        # ABAW5 eqs. (6)-(8): τ_c ← µ·τ_c + (1-µ)·(mean p_c over the images of class c the EMA
+        # network gets right); a class with none keeps its threshold.
+        for label in range(schema.NUM_CLASSES):
+            right = (targets == label) & (probabilities.argmax(dim=1) == label)
+            if right.any():
+                expected[label] = (options.threshold_momentum * before[label]
+                                   + (1 - options.threshold_momentum) * probabilities[right, label].mean())
+    elif method_name == "mutexmatch":
+        # Third paper, eq. (4): T_c = β·m_c / (1 + γ^-epoch), m_c the mean p_c over every image labeled c.
+        for label in range(schema.NUM_CLASSES):
+            mean = probabilities[targets == label, label].mean()
+            expected[label] = options.threshold_scale * mean / (1 + options.threshold_base ** -epoch)
+    else:
+        # Noise-aware: T_c = the mean predicted probability of class c over the labeled set.
+        expected = probabilities.mean(dim=0)
+    return expected
+
+
+@pytest.mark.parametrize("method_name", ["dtm", "mutexmatch", "noise_aware"])
+def test_thresholds_after_each_epoch_equal_an_independent_computation(tiny_split, tmp_path, method_name):
+    """After epoch 2 the thresholds in the checkpoint are those recomputed here from the epoch-1
+    thresholds, the threshold network of epoch 2 and the whole labeled set."""
+    config = tiny_config(tiny_split, str(tmp_path), method=method_name, run__epochs=2,
+                         run__checkpoints_to_keep=0)
     Trainer(config).fit()
     folder = tmp_path / "tiny" / checkpoint.CHECKPOINT_FOLDER
     states = [checkpoint.load(str(folder / checkpoint.checkpoint_name(epoch))) for epoch in (1, 2)]
-    before = states[0]["method"]["threshold"]["thresholds"].double()
-    after = states[1]["method"]["threshold"]["thresholds"].double()
     method = config.method_class()(config.options(), MethodContext(
         model=config.model, optimizer=config.optimizer, total_steps=config.total_steps))
+    method.load_state_dict(states[0]["method"])
+    before = method.thresholds().double()
     method.load_state_dict(states[1]["method"])
+    after = method.thresholds().double()
     labeled = read_labeled(tiny_split)
     images, decoded = evaluation_tensor(labeled.take_images(np.arange(len(labeled))), config.data,
                                         torch.device("cpu"))
-    network = method.ema.model.eval()
+    network = (method.ema.model if method_name == "dtm" else method.model).eval()
     with torch.no_grad():
         probabilities = network(images[torch.from_numpy(decoded)]).softmax(dim=1).double()
     targets = torch.from_numpy(labeled.labels[decoded]).long()
-    momentum = config.options().threshold_momentum
-    expected = before.clone()
-    for label in range(8):
-        right = (targets == label) & (probabilities.argmax(dim=1) == label)
-        if right.any():
-            expected[label] = momentum * before[label] + (1 - momentum) * probabilities[right, label].mean()
-    assert not torch.equal(expected, before)  # the check can see an update that was never applied
+    expected = expected_thresholds(method_name, config.options(), probabilities, targets, before, epoch=2)
+    assert not torch.allclose(expected, before, rtol=0, atol=1e-6)  # an update never applied shows
     torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_unlabeled", [True, False])
+def test_unlabeled_batches_of_the_configured_size_reach_the_method_every_step(tiny_split, tmp_path,
+                                                                             use_unlabeled):
+    config = tiny_config(tiny_split, str(tmp_path), method="dtm", run__epochs=2,
+                         data__unlabeled_ratio=2, data__use_unlabeled=use_unlabeled)
+    seen = []
+
+    class Sizes(StepObserver):
+        def before_step(self, trainer, batch):
+            seen.append((trainer.global_step, batch.labels.shape[0],
+                         None if batch.unlabeled_weak is None else batch.unlabeled_weak.shape[0],
+                         None if batch.unlabeled_strong is None else batch.unlabeled_strong.shape[0]))
+
+    Trainer(config, step_observer=Sizes()).fit()
+    unlabeled = 8 * 2 if use_unlabeled else None
+    assert seen == [(step, 8, unlabeled, unlabeled) for step in range(6)]
 
 
 def tensorboard_tags(folder) -> set[str]:
