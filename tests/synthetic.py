@@ -403,3 +403,12 @@ def cluster_method(method_class: type, lr: float = 0.05, steps: int = 150, optim
                                networks=[cluster_network() for _ in range(networks)])
         return method_class(method_class.Options(**options), context)
     return build
+
+
+def with_and_without_unlabeled(build: Callable[[], Method], seeds, **options
+                               ) -> tuple[list[float], list[float], list[float]]:
+    """cluster_accuracy of build() on each seed with the unlabeled data and without it (the same
+    seeds, labeled batches and steps): (with, without, paired gains)."""
+    with_unlabeled = [cluster_accuracy(build, seed, **options) for seed in seeds]
+    without = [cluster_accuracy(build, seed, use_unlabeled=False, **options) for seed in seeds]
+    return with_unlabeled, without, [left - right for left, right in zip(with_unlabeled, without)]

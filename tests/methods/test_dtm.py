@@ -12,8 +12,9 @@ import torch
 from pipeline.methods.base import OptimizerConfig, TrainBatch
 from pipeline.methods.dtm import DynamicThresholdOptions, DynamicThresholdSSL
 
-from synthetic import (CLASSES, FixedLogits, accuracy, build_method, cluster_accuracy, cluster_method,
-                       colour_blob_batch, colour_blob_problem, save_and_load, seeded_batch, train)
+from synthetic import (CLASSES, FixedLogits, accuracy, build_method, cluster_method,
+                       colour_blob_batch, colour_blob_problem, save_and_load, seeded_batch, train,
+                       with_and_without_unlabeled)
 
 # DTM on the test ResNet (Adam, lr 1e-3); batches of 8 labeled and 12 unlabeled noise images.
 build = partial(build_method, DynamicThresholdSSL)
@@ -196,9 +197,7 @@ def test_unlabeled_data_beats_the_same_run_without_it(unlabeled_loss):
     control 0.64-0.77, average 0.70-0.97 (paired gain 0.06-0.26, mean 0.19), stop_gradient
     0.83-0.98 (gain 0.18-0.27, mean 0.22). The labels alone never reach 0.8."""
     build = cluster_method(DynamicThresholdSSL, ema_decay=0.9, unlabeled_loss=unlabeled_loss)
-    with_unlabeled = [cluster_accuracy(build, seed) for seed in SEEDS]
-    without = [cluster_accuracy(build, seed, use_unlabeled=False) for seed in SEEDS]
-    gains = [left - right for left, right in zip(with_unlabeled, without)]
+    with_unlabeled, without, gains = with_and_without_unlabeled(build, SEEDS)
     assert max(without) < 0.8
     assert sum(with_unlabeled) / len(SEEDS) >= 0.85
     assert sum(gains) / len(SEEDS) >= 0.12, gains

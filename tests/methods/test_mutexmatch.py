@@ -14,8 +14,8 @@ from pipeline.methods.mutexmatch import (MutexMatch, MutexMatchOptions, compleme
                                          negative_consistency_loss, random_complementary_labels,
                                          split_by_confidence, top_k_mask)
 
-from synthetic import (CLASSES, StubBackbone, StubContext, cluster_accuracy, cluster_method, make_context,
-                       random_batch, resume_and_step, train_and_score)
+from synthetic import (CLASSES, StubBackbone, StubContext, cluster_method, make_context, random_batch,
+                       resume_and_step, train_and_score, with_and_without_unlabeled)
 
 # ------------------------------------------------------------------------------ pure pieces
 
@@ -270,9 +270,7 @@ def test_unlabeled_data_beats_the_same_run_without_it():
     two low seeds merge two clusters). The labels alone never reach 0.8."""
     build = cluster_method(MutexMatch)
     seeds = range(5)
-    with_unlabeled = [cluster_accuracy(build, seed) for seed in seeds]
-    without = [cluster_accuracy(build, seed, use_unlabeled=False) for seed in seeds]
-    gains = [left - right for left, right in zip(with_unlabeled, without)]
+    with_unlabeled, without, gains = with_and_without_unlabeled(build, seeds)
     assert max(without) < 0.8
     assert sum(with_unlabeled) / len(seeds) >= 0.85
     assert sum(gains) / len(seeds) >= 0.12, gains
