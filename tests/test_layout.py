@@ -3,7 +3,8 @@
 - Ray enters only through the `ray_*.py` module of a stage (at most one per stage): no other module
   imports `ray`, directly or through another pipeline module.
 - The pure core (`pipeline.core`) really imports no ray when loaded (checked in a fresh process).
-- Stages import only stages below them: data < core < methods < training < inference < temporal.
+- Stages import only stages below them: data < core < methods < training < inference < temporal
+  < tuning.
 - No module, job or bench script cites a file outside the repository.
 """
 
@@ -19,7 +20,7 @@ import pytest
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 PACKAGE = REPOSITORY / "pipeline"
-STAGE_ORDER = ("data", "core", "methods", "training", "inference", "temporal")
+STAGE_ORDER = ("data", "core", "methods", "training", "inference", "temporal", "tuning")
 """Lower stages first; a module may import its own stage and the ones before it."""
 SHARED = {"pipeline", "pipeline.config", "pipeline.demo"}
 """Importable from anywhere: the package root (version), typed configs, the demo corpus."""
