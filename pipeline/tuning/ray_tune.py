@@ -49,7 +49,7 @@ def run_trial(params: dict[str, Any], manifest: dict[str, Any]) -> None:
     whose rank-0 reports reach Tune through `TrialReportCallback`."""
     search = search_from_manifest(manifest)
     trial_folder = search_file.trial_dirname(tune.get_context().get_trial_id())
-    if search.base_config.scaling.num_workers > 0:
+    if search.trial_config(params).scaling.num_workers > 0:  # the trial's own recipe (a variant's)
         run_train_trial(search, params, trial_folder)
         return
     config = search.trial_config(params, run_storage=search.experiment, run_name=trial_folder)

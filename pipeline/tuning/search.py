@@ -17,6 +17,13 @@ trial starts.
       - {key: method_options.threshold_momentum, distribution: one_minus_loguniform, low: 0.5, high: 0.99}
       - {key: optimizer.lr, distribution: loguniform, low: 1.0e-4, high: 3.0e-3}
 
+A search may also name `variants`: whole recipes (paths or inline mappings) that a grid entry with
+key `variant` chooses between, every other entry applying to each (jobs.ablate runs a paper's table
+rows x seeds this way: `space: [{key: variant, distribution: grid, values: [...]},
+{key: run.seed, distribution: grid, values: [0, 1]}]`). `base` is then the first variant's recipe
+(what `--set base.<path>` and the report's defaults see); `--set base.<path>` applies to every
+variant.
+
 `--set` overrides any key of this file (`--set trials=4`, `--set space.0.high=0.999`) and, as
 `base.<path>`, any key of the recipe (`--set base.data.split=s3://bucket/split`). Pure Python: the
 Ray side is `ray_tune.py`.
@@ -48,6 +55,8 @@ OBJECTIVE = "best_selection_macro_f1"
 SMOOTHED_OBJECTIVE_PREFIX = "best_selection_macro_f1_smoothed_"
 MANIFEST = "search.yaml"
 """The resolved search (with its base recipe inline) in the experiment folder: what the report reads."""
+VARIANT = "variant"
+"""The reserved space key that picks one of the search's `variants` (a whole recipe) per trial."""
 TIME_ATTRIBUTE = "epoch"
 """ASHA's clock: an explicit epoch metric (Tune's training_iteration restarts for restored trials)."""
 
@@ -144,6 +153,9 @@ class SearchConfig:
     space: list[SearchEntry] = field(default_factory=list)
     checkpoints_to_keep: int = 1
     """Tune checkpoints kept per trial (the full SSL state each)."""
+    variants: dict[str, Any] = field(default_factory=dict)
+    """Named recipes (paths or inline mappings) chosen per trial by a `variant` grid/choice entry
+    of the space; each is prepared and checked like `base` (run.epochs = epochs, absolute paths)."""
 
     def __post_init__(self) -> None:
         typed.check(bool(self.base), "base", "set it to a recipe path or an inline recipe")
@@ -166,6 +178,8 @@ class Search:
     base_config: TrainConfig
     integer_keys: frozenset[str]
     """Keys of integer recipe fields (their uniform/loguniform samples are rounded)."""
+    variant_bases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The prepared recipe of each variant (as `base`), by variant name."""
 
     @property
     def experiment(self) -> str:
@@ -182,12 +196,13 @@ class Search:
     def recipe_values(self, params: dict[str, Any]) -> dict[str, Any]:
         """Sampled values by variable name -> recipe values by key path."""
         return {entry.key: entry.to_recipe_value(params[entry.name], entry.key in self.integer_keys)
-                for entry in self.config.space if entry.name in params}
+                for entry in self.config.space if entry.name in params and entry.key != VARIANT}
 
     def trial_mapping(self, params: dict[str, Any], run_storage: str | None = None,
                       run_name: str | None = None) -> dict[str, Any]:
         """The recipe of one trial (a plain mapping that `load_config(base=...)` accepts)."""
-        mapping = copy.deepcopy(self.base)
+        variant = params.get(VARIANT)
+        mapping = copy.deepcopy(self.variant_bases[variant] if variant is not None else self.base)
         for key, value in self.recipe_values(params).items():
             set_path(mapping, key.split("."), value)
         run = mapping.setdefault("run", {})
@@ -205,6 +220,8 @@ class Search:
         """The resolved search, base recipe inline: written to the experiment folder."""
         mapping = dataclasses.asdict(self.config)
         mapping["base"] = copy.deepcopy(self.base)
+        if self.variant_bases:
+            mapping["variants"] = copy.deepcopy(self.variant_bases)
         return mapping
 
 
@@ -230,9 +247,11 @@ def load_search(path: str | None = None, overrides: list[str] | None = None,
             set_path(data, keys, value, f"--set {override}")
     config = typed.from_mapping(SearchConfig, data)
     base = _base_mapping(config.base)
+    variants = {name: _base_mapping(recipe) for name, recipe in config.variants.items()}
     for keys, value in base_overrides:
-        set_path(base, keys, value, "base." + ".".join(keys))
-    return validate(config, base)
+        for recipe in (base, *variants.values()):
+            set_path(recipe, keys, value, "base." + ".".join(keys))
+    return validate(config, base, variants)
 
 
 def _base_mapping(base: str | dict[str, Any]) -> dict[str, Any]:
@@ -248,29 +267,24 @@ def _base_mapping(base: str | dict[str, Any]) -> dict[str, Any]:
     return loaded
 
 
-def validate(config: SearchConfig, base: dict[str, Any]) -> Search:
-    base = copy.deepcopy(base)
-    base.setdefault("run", {})
-    if not isinstance(base["run"], dict):
-        raise ConfigError("base.run: expected a mapping")
-    base["run"]["epochs"] = config.epochs
-    base_config = _load_base(base)
-    _absolute_paths(base, base_config)
-    base_config = _load_base(base)
-    typed.check(bool(base_config.data.split), "base.data.split",
-                "set it to a jobs.split output folder (--set base.data.split=<dir or s3://...>)")
-    if base_config.scaling.num_workers > 0:
-        # The trial function only launches the TorchTrainer: its workers reserve the CPUs and GPUs.
-        typed.check(config.resources_per_trial.gpu == 0, "resources_per_trial.gpu",
-                    "must be 0 with base.scaling.num_workers > 0: the Train workers take the GPUs "
-                    "(base.scaling.use_gpu); the trial function would hold one idle")
-        typed.check(base_config.run.resume, "base.run.resume",
-                    "must be true with Ray Train workers (a trial resumes its Train run by name)")
-    typed.check(base_config.evaluation.every_epochs == 1, "base.evaluation.every_epochs",
-                "must be 1 in a search: the objective and ASHA read validation every epoch")
-    windows = [str(window) for window in base_config.evaluation.windows]
-    allowed = [OBJECTIVE] + [SMOOTHED_OBJECTIVE_PREFIX + window for window in windows]
-    typed.check(config.objective.metric in allowed, "objective.metric", f"one of {allowed}")
+def validate(config: SearchConfig, base: dict[str, Any],
+             variants: dict[str, dict[str, Any]] | None = None) -> Search:
+    base, base_config = _prepare_recipe(config, base, "base")
+    variants = variants or {}
+    prepared = {name: _prepare_recipe(config, recipe, f"variants.{name}") for name, recipe in variants.items()}
+    variant_entries = [entry for entry in config.space if entry.key == VARIANT]
+    if variants or variant_entries:
+        typed.check(bool(variants), "variants", "a `variant` entry needs named recipes in `variants`")
+        typed.check(len(variant_entries) == 1, "space", f"exactly one entry with key {VARIANT!r}")
+        entry = variant_entries[0]
+        typed.check(entry.distribution in ("grid", "choice") and bool(entry.values), "space.variant",
+                    "a grid or choice over variant names")
+        unknown = [value for value in entry.values or [] if value not in variants]
+        typed.check(not unknown, "space.variant", f"unknown variants {unknown} (known: {list(variants)})")
+    recipes = [(where, recipe, recipe_config) for where, (recipe, recipe_config) in
+               [("base", (base, base_config))] + [(f"variants.{name}", value) for name, value in prepared.items()]]
+    for where, _, recipe_config in recipes:
+        _check_recipe(config, recipe_config, where)
 
     integer_keys = set()
     seen: set[str] = set()
@@ -278,32 +292,75 @@ def validate(config: SearchConfig, base: dict[str, Any]) -> Search:
         where = f"space[{index}]"
         typed.check(entry.key not in seen, f"{where}.key", f"{entry.key} is searched twice")
         seen.add(entry.key)
-        hint = resolve_key(base_config, entry.key, f"{where}.key")
-        integer = _is_integer(hint)
+        if entry.key == VARIANT:
+            _check_searcher(config.searcher, entry, where)
+            continue
+        hints = [resolve_key(recipe_config, entry.key, f"{where}.key") for _, _, recipe_config in recipes]
+        integer = _is_integer(hints[0])
         if integer:
             integer_keys.add(entry.key)
         _check_distribution(entry, where, integer)
         _check_searcher(config.searcher, entry, where)
-        for value in _probe_values(entry, integer):
-            mapping = copy.deepcopy(base)
-            set_path(mapping, entry.key.split("."), value)
-            try:
-                _load_base(mapping)
-            except ConfigError as error:
-                raise ConfigError(f"{where} {entry.key}={value!r}: the recipe rejects it: {error}") from None
+        for label, recipe, _ in recipes:
+            for value in _probe_values(entry, integer):
+                mapping = copy.deepcopy(recipe)
+                set_path(mapping, entry.key.split("."), value)
+                try:
+                    _load_base(mapping)
+                except ConfigError as error:
+                    shown = "" if label == "base" else f" ({label})"
+                    raise ConfigError(f"{where} {entry.key}={value!r}: the recipe{shown} rejects it: "
+                                      f"{error}") from None
     if config.searcher == "grid":
         combinations = math.prod(len(entry.values or []) for entry in config.space)
         typed.check(config.trials == combinations, "trials",
                     f"a grid search runs each of the {combinations} combinations once: set trials "
                     f"to {combinations}")
-    search = Search(config, base, base_config, frozenset(integer_keys))
-    warmup = warmup_epochs(base_config)
+    search = Search(config, base, base_config, frozenset(integer_keys),
+                    {name: recipe for name, (recipe, _) in prepared.items()})
+    warmup = max(warmup_epochs(recipe_config) for _, _, recipe_config in recipes)
     if config.scheduler.name == "asha":
         typed.check(search.grace_period >= warmup, "scheduler.grace_period",
                     f"must be at least the warm-up ({warmup} epochs of optimizer.warmup_steps)")
         typed.check(search.grace_period <= config.epochs, "scheduler.grace_period",
                     f"must be at most epochs ({config.epochs})")
     return search
+
+
+def _prepare_recipe(config: SearchConfig, recipe: dict[str, Any], where: str) -> tuple[dict[str, Any], TrainConfig]:
+    """A recipe of the search with run.epochs = epochs and absolute local paths, and its typed config."""
+    recipe = copy.deepcopy(recipe)
+    recipe.setdefault("run", {})
+    if not isinstance(recipe["run"], dict):
+        raise ConfigError(f"{where}.run: expected a mapping")
+    recipe["run"]["epochs"] = config.epochs
+    loaded = _load_recipe(recipe, where)
+    _absolute_paths(recipe, loaded)
+    return recipe, _load_recipe(recipe, where)
+
+
+def _load_recipe(mapping: dict[str, Any], where: str) -> TrainConfig:
+    try:
+        return load_config(base=mapping)
+    except ConfigError as error:
+        raise ConfigError(f"{where}.{error}") from None
+
+
+def _check_recipe(config: SearchConfig, base_config: TrainConfig, where: str) -> None:
+    typed.check(bool(base_config.data.split), f"{where}.data.split",
+                "set it to a jobs.split output folder (--set base.data.split=<dir or s3://...>)")
+    if base_config.scaling.num_workers > 0:
+        # The trial function only launches the TorchTrainer: its workers reserve the CPUs and GPUs.
+        typed.check(config.resources_per_trial.gpu == 0, "resources_per_trial.gpu",
+                    "must be 0 with base.scaling.num_workers > 0: the Train workers take the GPUs "
+                    "(base.scaling.use_gpu); the trial function would hold one idle")
+        typed.check(base_config.run.resume, f"{where}.run.resume",
+                    "must be true with Ray Train workers (a trial resumes its Train run by name)")
+    typed.check(base_config.evaluation.every_epochs == 1, f"{where}.evaluation.every_epochs",
+                "must be 1 in a search: the objective and ASHA read validation every epoch")
+    windows = [str(window) for window in base_config.evaluation.windows]
+    allowed = [OBJECTIVE] + [SMOOTHED_OBJECTIVE_PREFIX + window for window in windows]
+    typed.check(config.objective.metric in allowed, "objective.metric", f"one of {allowed}")
 
 
 def _is_integer(hint: Any) -> bool:
