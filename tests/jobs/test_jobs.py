@@ -101,6 +101,18 @@ def test_demo_runs_end_to_end_and_reuses_its_corpus(tmp_path, capsys, local_ray)
     assert "== train demo_abaw5_dtm (dtm) ==" in printed.out and "validation macro-F1" in printed.out
     assert "chosen on the selection half" in printed.out and "pseudo labels (last epoch):" in printed.out
     assert (out / "runs" / "demo_abaw5_dtm" / "metrics.json").exists()
+    # The supervised warm-up, then the recipe and its control from it, compared side by side.
+    assert "== warm-up: train demo_seed002_supervised" in printed.out
+    assert "== control: train demo_abaw5_dtm with data.use_unlabeled=false" in printed.out
+    assert "== comparison" in printed.out and "control: dtm, use_unlabeled=false" in printed.out
+    assert (out / "runs" / "demo_warmup_supervised" / "metrics.json").exists()
+    assert len(list((out / "runs" / "demo_warmup_supervised").glob("warm_start-*.pt"))) == 1
+    control = json.loads((out / "runs" / "demo_abaw5_dtm_control" / "metrics.json").read_text())
+    assert control["config"]["data"]["use_unlabeled"] is False
+    ssl = json.loads((out / "runs" / "demo_abaw5_dtm" / "metrics.json").read_text())
+    assert ssl["config"]["model"]["pretrained_path"] == control["config"]["model"]["pretrained_path"]
+    assert ssl["config"]["model"]["pretrained_head"] is True
+    assert json.loads((out / demo_job.DOWNSTREAM_STAMP).read_text())["run"].endswith("demo_abaw5_dtm")
     for source in schema.SOURCES:
         assert shards.Manifest.load(str(out / "shards" / source)).rows > 0
     stamp = json.loads((out / "corpus" / demo_job.CORPUS_STAMP).read_text())

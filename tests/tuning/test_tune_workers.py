@@ -1,6 +1,10 @@
 """Trials with Ray Train workers: the Tune function launches a TorchTrainer (one worker here) whose
-rank-0 epochs reach Tune with the same metrics as a one-process trial. ASHA stops trials; their Train
-runs leave no placement group behind and the next trial starts."""
+rank-0 epochs reach Tune with the same metrics as a one-process trial; finished Train runs leave no
+placement group behind and the next trial starts.
+
+Whether ASHA stops one of these trials depends on epoch-1 scores that tie on the tiny split (seen:
+no trial stopped in one run, one in another), so this test runs FIFO; the ASHA-stop check is
+tests/tuning/test_tune_ray.py's, on one-process trials."""
 
 from __future__ import annotations
 
@@ -29,20 +33,20 @@ def ray_with_dashboard():
         ray.shutdown()
 
 
-def test_worker_trials_report_and_asha_stops_leak_nothing(ray_with_dashboard, tmp_path):
+def test_worker_trials_report_and_leave_no_placement_group(ray_with_dashboard, tmp_path):
     from pipeline.tuning import ray_tune, report
 
     split = build_tiny_split(tmp_path)
-    mapping = tiny_search(split, str(tmp_path / "tune"), "workers", searcher="grid", trials=3,
-                          concurrency=1, resources_per_trial={"cpu": 0.2},
-                          space=[{"key": "run.seed", "distribution": "grid", "values": [0, 1, 2]}])
+    mapping = tiny_search(split, str(tmp_path / "tune"), "workers", searcher="grid", trials=2,
+                          concurrency=1, resources_per_trial={"cpu": 0.2}, scheduler={"name": "fifo"},
+                          space=[{"key": "run.seed", "distribution": "grid", "values": [0, 1]}])
     mapping["base"]["scaling"] = {"num_workers": 1, "cpus_per_worker": 0.5}
     mapping["base"]["data"]["unlabeled_reader"] = "in_process"
     search = load_search(mapping=mapping)
     results = ray_tune.run_search(search)
-    assert len(results) == 3 and not results.errors
+    assert len(results) == 2 and not results.errors
     epochs = {result.config["run.seed"]: int(result.metrics["epoch"]) for result in results}
-    assert epochs[0] == 2 and 1 in [epochs[1], epochs[2]], epochs  # ASHA stopped a trial at epoch 1
+    assert epochs == {0: 2, 1: 2}  # the second trial started after the first's Train run ended
     for result in results:
         history = result.metrics_dataframe
         assert list(history["epoch"]) == list(range(1, len(history) + 1))
@@ -58,4 +62,4 @@ def test_worker_trials_report_and_asha_stops_leak_nothing(ray_with_dashboard, tm
         time.sleep(1)
     assert left == []
     summary = report.write_report(search.experiment)
-    assert summary["complete"] == 3 and summary["best_report_macro_f1"] is not None
+    assert summary["complete"] == 2 and summary["best_report_macro_f1"] is not None
