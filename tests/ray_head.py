@@ -31,9 +31,11 @@ from pathlib import Path
 from typing import Iterator
 
 import psutil
+import pytest
 
 AUTH_VARIABLES = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 STARTED_MESSAGE = "Ray runtime started."
+TERMINAL_JOB_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 def free_ports(count: int) -> list[int]:
@@ -113,6 +115,23 @@ class RayHead:
         if status != 200:
             raise RuntimeError(f"GET /api/jobs/{submission_id}/logs: {status} {body[:500]}")
         return json.loads(body)["logs"]
+
+    def wait_for_success(self, submission_id: str, timeout: float, env: dict[str, str]) -> str:
+        """Waits for a submitted job to end and returns its logs; fails the test (after stopping the
+        job, so it does not outlive the test) when it has not ended within `timeout` seconds, or
+        when it ended in any state but SUCCEEDED."""
+        deadline = time.monotonic() + timeout
+        job = self.job(submission_id)
+        while job["status"] not in TERMINAL_JOB_STATES and time.monotonic() < deadline:
+            time.sleep(2.0)
+            job = self.job(submission_id)
+        logs = self.job_logs(submission_id)
+        if job["status"] not in TERMINAL_JOB_STATES:
+            subprocess.run([self.ray, "job", "stop", "--address", self.dashboard_url, submission_id],
+                           env=env, capture_output=True, text=True, timeout=60)
+            pytest.fail(f"job not finished after {timeout} s: {job}\n--- logs ---\n{logs}")
+        assert job["status"] == "SUCCEEDED", f"{job}\n--- logs ---\n{logs}"
+        return logs
 
     def working_dir(self, package: str) -> Path:
         """Where this (single-node) cluster unpacked an uploaded `_ray_pkg_<hash>` working dir."""

@@ -39,7 +39,6 @@ WORKERS = 2
 CPUS_PER_WORKER = 0.5
 STEPS = 2
 JOB_TIMEOUT_SECONDS = 240
-TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +67,6 @@ def run_cli(arguments: list[str], env: dict[str, str], timeout: float) -> subpro
                           timeout=timeout)
 
 
-def wait_for_job(head, submission_id: str, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    job = head.job(submission_id)
-    while job["status"] not in TERMINAL and time.monotonic() < deadline:
-        time.sleep(2.0)
-        job = head.job(submission_id)
-    return job
-
-
 def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -100,13 +90,7 @@ def test_distributed_training_runs_under_ray_job_submit(ray_head, tiny_split, tm
     started = time.monotonic()
     submitted = run_cli(command, env=environment, timeout=120)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    job = wait_for_job(ray_head, submission_id, JOB_TIMEOUT_SECONDS)
-    logs = ray_head.job_logs(submission_id)
-    if job["status"] not in TERMINAL:
-        run_cli([ray_head.ray, "job", "stop", "--address", ray_head.dashboard_url, submission_id],
-                env=environment, timeout=60)
-        pytest.fail(f"job not finished after {JOB_TIMEOUT_SECONDS} s: {job}\n--- logs ---\n{logs}")
-    assert job["status"] == "SUCCEEDED", f"{job}\n--- logs ---\n{logs}"
+    logs = ray_head.wait_for_success(submission_id, JOB_TIMEOUT_SECONDS, environment)
     print(f"job {submission_id} succeeded in {time.monotonic() - started:.0f} s")
 
     run = storage / RUN_NAME
@@ -170,9 +154,7 @@ def test_inference_and_pseudo_label_export_run_under_ray_job_submit(ray_head, ti
                          "--submission-id", submission_id, "--working-dir", str(REPO_ROOT), "--",
                          "bash", "-c", entrypoint], env=environment, timeout=120)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    job = wait_for_job(ray_head, submission_id, JOB_TIMEOUT_SECONDS)
-    logs = ray_head.job_logs(submission_id)
-    assert job["status"] == "SUCCEEDED", f"{job}\n--- logs ---\n{logs}"
+    logs = ray_head.wait_for_success(submission_id, JOB_TIMEOUT_SECONDS, environment)
     exported = json.loads((tmp_path / "pseudo" / "_manifest.json").read_text())
     assert exported["rows"] == split.load_unlabeled_pool(tiny_split).rows
     inferred = json.loads((tmp_path / "infer" / "_manifest.json").read_text())

@@ -16,21 +16,13 @@ from pipeline.training.config import load_config
 from pipeline.tuning import report
 from pipeline.tuning.search import MANIFEST, dump_yaml, load_search, trial_dirname
 
-SEARCH = {
-    "base": {"method": "dtm", "model": {"backbone": "test_resnet"},
-             "data": {"split": "/data/split", "image_size": 32},
-             "evaluation": {"windows": [5]}, "run": {"steps_per_epoch": 3, "storage": "/runs"}},
-    "name": "handmade",
-    "storage": "unused",
-    "trials": 4,
-    "epochs": 3,
-    "space": [
-        {"key": "method_options.threshold_momentum", "distribution": "one_minus_loguniform",
-         "low": 0.5, "high": 0.99},
-        {"key": "optimizer.lr", "distribution": "loguniform", "low": 1e-4, "high": 1e-2},
-        {"key": "method_options.initial_threshold", "distribution": "uniform", "low": 0.5, "high": 0.95},
-    ],
-}
+from test_search import search_mapping
+
+SEARCH = search_mapping(
+    base={"method": "dtm", "model": {"backbone": "test_resnet"},
+          "data": {"split": "/data/split", "image_size": 32},
+          "evaluation": {"windows": [5]}, "run": {"steps_per_epoch": 3, "storage": "/runs"}},
+    name="handmade", storage="unused")
 # trial id -> (sampled params, selection macro-F1 per epoch, report-half macro-F1 per epoch)
 TRIALS = {
     "aaaa0001": ({"1-method_options.threshold_momentum": 0.1, "optimizer.lr": 1e-3,

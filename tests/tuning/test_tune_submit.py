@@ -21,7 +21,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SEARCH_FILE = "jobs/tune/demo_dtm.yaml"
 SEARCH_NAME = "demo_dtm_search"  # name in the search file
 JOB_TIMEOUT_SECONDS = 300
-TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 @pytest.fixture(scope="module")
@@ -63,17 +62,7 @@ def test_a_search_runs_under_ray_job_submit(ray_head, tiny_split, tmp_path):
     started = time.monotonic()
     submitted = run_cli(command, env=environment, timeout=120)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    deadline = time.monotonic() + JOB_TIMEOUT_SECONDS
-    job = ray_head.job(submission_id)
-    while job["status"] not in TERMINAL and time.monotonic() < deadline:
-        time.sleep(2.0)
-        job = ray_head.job(submission_id)
-    logs = ray_head.job_logs(submission_id)
-    if job["status"] not in TERMINAL:
-        run_cli([ray_head.ray, "job", "stop", "--address", ray_head.dashboard_url, submission_id],
-                env=environment, timeout=60)
-        pytest.fail(f"job not finished after {JOB_TIMEOUT_SECONDS} s: {job}\n--- logs ---\n{logs}")
-    assert job["status"] == "SUCCEEDED", f"{job}\n--- logs ---\n{logs}"
+    logs = ray_head.wait_for_success(submission_id, JOB_TIMEOUT_SECONDS, environment)
     print(f"job {submission_id} succeeded in {time.monotonic() - started:.0f} s")
 
     summary = json.loads([line for line in logs.splitlines() if line.startswith('{"experiment"')][-1])
