@@ -22,7 +22,7 @@ demo: venv
 	$(BIN)/python -m jobs.demo --out $(DEMO_OUT)
 
 test: venv
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 # The quick loop while editing: no Ray, no S3 server, no learning-margin runs (under a minute on
 # 2 cores). `make test` runs everything, these included.

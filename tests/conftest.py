@@ -81,6 +81,23 @@ def build_tiny_split(root) -> str:
     return str(root / "split")
 
 
+RAY_FIXTURES = {"local_ray", "ray_head", "ray_with_dashboard"}
+RAY_MARKERS = {"ray", "s3"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): every test of a module in which
+    any test uses Ray (its markers or fixtures) runs in one worker, one after another, so two local
+    Ray instances never compete for the 2 CPUs they each reserve and module fixtures are built once;
+    the other tests spread over both workers. Without xdist the group mark does nothing."""
+    ray_modules = {item.module.__name__ for item in items
+                   if RAY_MARKERS & {mark.name for mark in item.iter_markers()}
+                   or RAY_FIXTURES & set(getattr(item, "fixturenames", ()))}
+    for item in items:
+        if item.module.__name__ in ray_modules:
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Leave no Ray behind at interpreter exit: a job under test may have started one, and Ray
     Data's block prefetcher threads (daemons that never stop for an iterator left in mid-pass)
