@@ -30,24 +30,25 @@ import sys
 import time
 
 import numpy as np
-from scipy import stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from jobs.demo import export_warm_start  # noqa: E402
+from jobs.demo import CONTROL_OVERRIDES, export_warm_start  # noqa: E402
 from pipeline.training.config import load_config  # noqa: E402
 from pipeline.training.loop import Trainer  # noqa: E402
+from pipeline.tuning.ablation import interval  # noqa: E402
 
 RECIPES = os.path.join(ROOT, "jobs", "recipes")
 FORMAT_VERSION = 2
 
 # name -> (recipe, extra overrides, control). A control is the same recipe with the unlabeled data
-# (or, where the method cannot run without it, the method's own extra terms) switched off.
+# (or, where the method cannot run without it, the method's own extra terms) switched off: the
+# overrides `make demo` uses for its control (jobs.demo.CONTROL_OVERRIDES).
 CONFIGURATIONS: dict[str, tuple[str, list[str], str | None]] = {
     "supervised": ("demo_seed002_supervised", [], None),
     # DTM without the unlabeled pool: labeled CE, the same EMA network B evaluated, same optimizer.
-    "dtm_off": ("demo_abaw5_dtm", ["data.use_unlabeled=false"], None),
+    "dtm_off": ("demo_abaw5_dtm", CONTROL_OVERRIDES["dtm"], None),
     # The paper's literal loss CE(y_hat, (P_w + P_s) / 2), gradient through both views ...
     "dtm_average": ("demo_abaw5_dtm", ["method_options.unlabeled_loss=average"], "dtm_off"),
     # ... and the FixMatch-style alternative: detached target, CE on the strong view.
@@ -55,15 +56,14 @@ CONFIGURATIONS: dict[str, tuple[str, list[str], str | None]] = {
     # feedback raises without unlabeled views (its student learns only from the teacher's pseudo
     # labels), so its control switches off the feedback term: the student still learns from the
     # teacher's pseudo labels, the teacher from labels and consistency only.
-    "feedback_off": ("demo_abaw6_feedback", ["method_options.feedback_weight=0"], None),
+    "feedback_off": ("demo_abaw6_feedback", CONTROL_OVERRIDES["feedback"], None),
     "feedback": ("demo_abaw6_feedback", [], "feedback_off"),
     # mutexmatch without the unlabeled pool: labeled CE and the TNC's labeled complementary term.
-    "mutexmatch_off": ("demo_seed002_mutexmatch", ["data.use_unlabeled=false"], None),
+    "mutexmatch_off": ("demo_seed002_mutexmatch", CONTROL_OVERRIDES["mutexmatch"], None),
     "mutexmatch": ("demo_seed002_mutexmatch", [], "mutexmatch_off"),
     # noise_aware takes no unlabeled data; its control switches off its own machinery: the
     # clean/noisy split and the CAM consistency term (SCN weighting and rank regularisation stay).
-    "noise_aware_off": ("demo_seed002_noise_aware", [
-        "method_options.clean_split=false", "method_options.consistency_weight=0"], None),
+    "noise_aware_off": ("demo_seed002_noise_aware", CONTROL_OVERRIDES["noise_aware"], None),
     "noise_aware": ("demo_seed002_noise_aware", [], "noise_aware_off"),
 }
 SUPERVISED = "supervised"
@@ -161,11 +161,9 @@ def mean_std(values: list[float]) -> str:
 
 def paired(values: list[float], controls: list[float]) -> tuple[float, float, float]:
     """Mean per-seed difference and its 95% t interval."""
-    difference = np.asarray(values, dtype=float) - np.asarray(controls, dtype=float)
-    mean = float(difference.mean())
-    if len(difference) < 2:
+    mean, half = interval([value - control for value, control in zip(values, controls)])
+    if half is None:
         return mean, float("nan"), float("nan")
-    half = float(stats.t.ppf(0.975, len(difference) - 1) * difference.std(ddof=1) / np.sqrt(len(difference)))
     return mean, mean - half, mean + half
 
 

@@ -274,8 +274,13 @@ def accuracy(method: Method, images: torch.Tensor, labels: torch.Tensor) -> floa
 
 
 def refresh_thresholds(method: Method, images: torch.Tensor, labels: torch.Tensor, epoch: int) -> None:
-    """The loop's per-epoch threshold pass, on the evaluation model's predictions for `images`."""
-    method.update_thresholds(method.threshold_statistics(method.predict(images), labels), epoch)
+    """The loop's per-epoch threshold pass: the threshold network, in eval mode, on `images`."""
+    network = method.threshold_model()
+    was_training = network.training
+    with torch.no_grad():
+        probabilities = network.eval()(images).float().softmax(dim=1)
+    network.train(was_training)
+    method.update_thresholds(method.threshold_statistics(probabilities, labels), epoch)
 
 
 def train_and_score(build: Callable[[int], Method], seed: int, steps: int, *, labeled_per_class: int = 8,
@@ -384,13 +389,7 @@ def cluster_accuracy(build: Callable[[], Method], seed: int, *, steps: int = 150
     for step in range(steps):
         method.train_step(cluster_batch(problem, generator, use_unlabeled=use_unlabeled, **batch_options), step)
         if (step + 1) % threshold_every == 0 and method.thresholds() is not None:
-            network = method.threshold_model()
-            was_training = network.training
-            with torch.no_grad():
-                probabilities = network.eval()(problem.labeled).float().softmax(dim=1)
-            network.train(was_training)
-            method.update_thresholds(method.threshold_statistics(probabilities, problem.labels),
-                                     (step + 1) // threshold_every)
+            refresh_thresholds(method, problem.labeled, problem.labels, (step + 1) // threshold_every)
     return accuracy(method, problem.test_images, problem.test_labels)
 
 
