@@ -22,11 +22,8 @@ import json
 import sys
 
 from pipeline.config import ConfigError
-from pipeline.data import schema, storage
-from pipeline.inference.predict import load_frame_model
-from pipeline.inference.prediction_files import RowFilter, input_files_from_folders
-from pipeline.inference.ray_inference import connect, run_predictions
-from pipeline.temporal.training import METRICS, fit, load_temporal_config, read_features, to_mapping
+from pipeline.inference.ray_inference import connect
+from pipeline.temporal.training import load_temporal_config, to_mapping
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,26 +37,13 @@ def main(argv: list[str] | None = None) -> int:
         if arguments.print_config:
             print(json.dumps(to_mapping(config), indent=1))
             return 0
-        frame_model = load_frame_model(config.frame_checkpoint, "cpu")
         connect(config.inference, dashboard=config.scaling.num_workers > 0)
+        from pipeline.temporal.ray_train import extract_and_fit
+
+        final = extract_and_fit(config)
     except (ConfigError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    row_filter = RowFilter(sources=[schema.AFFWILD2], splits=[schema.TRAIN, schema.VALIDATION])
-    inputs = input_files_from_folders([config.shards], row_filter)
-    features_out = storage.absolute(config.features_folder)
-    identity = {"checkpoint": frame_model.checkpoint, "run_id": frame_model.run_id, "features": True}
-    run_predictions(inputs, row_filter, frame_model.checkpoint, features_out, config.inference, identity,
-                    with_features=True)
-    uris = [storage.join(features_out, item.relative) for item in inputs if item.rows > 0]
-    if config.scaling.num_workers > 0:
-        from pipeline.temporal import ray_train
-
-        ray_train.build_temporal_trainer(config, uris, frame_model.run_id).fit()
-        final = storage.read_json(storage.join(storage.absolute(config.folder), METRICS))
-    else:
-        train, validation = read_features(uris, schema.TRAIN), read_features(uris, schema.VALIDATION)
-        final = fit(config, train, validation, frame_model.run_id)
     print(f"\n== ablation (validation macro-F1, {final['scored_frames']} scored frames, "
           f"window {final['window']}) ==")
     for name, value in final["ablation"].items():

@@ -65,20 +65,24 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def build_tiny_split(root) -> str:
+def build_tiny_split(root, validation_videos: int = 1, remote: str | None = None) -> str:
     """The tiny demo corpus ingested (sequentially) and split with 4 labels per class: the
-    smallest real split, for training tests. Returns the split folder."""
+    smallest real split, for training tests. Returns the split folder. `validation_videos=2` gives
+    the report half a video; `remote` (an s3:// prefix) puts the shards and the split there
+    (`<remote>/shards`, `<remote>/split`), the corpus staying under `root`."""
+    import dataclasses
+
     from pipeline.data import ingest, schema
     from pipeline.data.readers import make_reader
     from pipeline.data.split import make_split
     from pipeline.demo.corpus import PRESETS, write_demo_corpus
 
-    write_demo_corpus(str(root / "corpus"), PRESETS["tiny"])
+    write_demo_corpus(str(root / "corpus"), dataclasses.replace(PRESETS["tiny"], validation_videos=validation_videos))
+    base = remote or str(root)
     for source in schema.SOURCES:
-        ingest.ingest(make_reader(source, str(root / "corpus" / source)), str(root / "shards"),
-                      progress=False)
-    make_split(str(root / "shards"), str(root / "split"), per_class=4, seed=0)
-    return str(root / "split")
+        ingest.ingest(make_reader(source, str(root / "corpus" / source)), f"{base}/shards", progress=False)
+    make_split(f"{base}/shards", f"{base}/split", per_class=4, seed=0)
+    return f"{base}/split"
 
 
 RAY_FIXTURES = {"local_ray", "ray_head", "ray_with_dashboard"}

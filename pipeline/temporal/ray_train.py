@@ -1,6 +1,8 @@
-"""The Ray Train adapter of the temporal refine stage: `jobs.train_temporal` runs the library's
-`fit` once per Ray Train worker over torch.distributed, rank 0 reporting each epoch with the
-checkpoint; Ray owns checkpoints, restarts and resume by run name.
+"""The Ray edge of the temporal refine stage: `extract_and_fit` (the whole stage, as
+`jobs.train_temporal` and `jobs.ablate`'s temporal row run it: features through Ray Data, then
+the encoder in one process or on Ray Train), and the Ray Train adapter, which runs the library's
+`fit` once per worker over torch.distributed, rank 0 reporting each epoch with the checkpoint; Ray
+owns checkpoints, restarts and resume by run name.
 """
 
 from __future__ import annotations
@@ -17,6 +19,31 @@ from pipeline.config import ConfigError
 from pipeline.data import schema, storage
 from pipeline.temporal import training as temporal_training
 from pipeline.training.ray_train import TorchCollectives
+
+
+def extract_and_fit(config: Any) -> dict[str, Any]:
+    """The stage for one `TemporalJobConfig`: the frozen frame model's features and probabilities
+    of the Aff-Wild2 train and validation frames (Ray Data; files done before by the same model are
+    kept), then the encoder trained on them (resuming its run). Ray must be up (`connect`).
+    Returns the run's metrics.json."""
+    from pipeline.inference.predict import load_frame_model
+    from pipeline.inference.prediction_files import RowFilter, input_files_from_folders
+    from pipeline.inference.ray_inference import run_predictions
+
+    frame_model = load_frame_model(config.frame_checkpoint, "cpu")
+    row_filter = RowFilter(sources=[schema.AFFWILD2], splits=[schema.TRAIN, schema.VALIDATION])
+    inputs = input_files_from_folders([config.shards], row_filter)
+    features_out = storage.absolute(config.features_folder)
+    identity = {"checkpoint": frame_model.checkpoint, "run_id": frame_model.run_id, "features": True}
+    run_predictions(inputs, row_filter, frame_model.checkpoint, features_out, config.inference, identity,
+                    with_features=True)
+    uris = [storage.join(features_out, item.relative) for item in inputs if item.rows > 0]
+    if config.scaling.num_workers > 0:
+        build_temporal_trainer(config, uris, frame_model.run_id).fit()
+        return storage.read_json(storage.join(storage.absolute(config.folder), temporal_training.METRICS))
+    train = temporal_training.read_features(uris, schema.TRAIN)
+    validation = temporal_training.read_features(uris, schema.VALIDATION)
+    return temporal_training.fit(config, train, validation, frame_model.run_id)
 
 
 def temporal_loop_per_worker(loop_config: dict[str, Any]) -> None:

@@ -27,6 +27,7 @@ from pipeline.methods.base import Collectives
 from pipeline.temporal.encoder import (FrameSequences, TemporalConfig, TemporalEncoder, TemporalTrainer,
                                        predict_sequences)
 from pipeline.training.config import ScalingConfig, recipe_mapping
+from pipeline.training.evaluate import REPORT, SELECTION, validation_halves
 
 CHECKPOINT = "temporal.pt"
 METRICS = "metrics.json"
@@ -51,6 +52,9 @@ class TemporalEvaluationConfig:
     window: int = 30
     """Sliding-window length for the smoothed rows (ABAW6: 30)."""
     mode: str = smoothing.CENTRED
+    halves_seed: int = 0
+    """The seed of the selection/report halves of the validation videos: the frame training's
+    `evaluation.halves_seed`, so both stages split the same videos the same way."""
 
     def __post_init__(self) -> None:
         typed.check(self.window >= 1, "evaluation.window", "must be at least 1")
@@ -154,6 +158,30 @@ def ablation(validation: FeatureSet, temporal_probabilities: np.ndarray | None,
     return rows
 
 
+def ablation_halves(validation: FeatureSet, temporal_probabilities: np.ndarray | None,
+                    evaluation: TemporalEvaluationConfig) -> dict[str, dict[str, float]]:
+    """The ablation rows on each half of the validation videos (`validation_halves`, as the frame
+    training draws them): an epoch is chosen on the selection half and reported on the other.
+    Smoothing runs on the whole set first; it never crosses a video, so that equals smoothing a
+    half alone."""
+    selection = validation_halves(validation.videos, [""] * len(validation.videos), evaluation.halves_seed)
+    halves: dict[str, dict[str, float]] = {}
+    for name, mask in ((SELECTION, selection), (REPORT, ~selection)):
+        labels = np.where(mask, validation.labels, schema.NO_LABEL)
+        rows: dict[str, float] = {}
+        candidates = [("frame", validation.frame_probabilities)]
+        if temporal_probabilities is not None:
+            candidates.append(("temporal", temporal_probabilities))
+        for row, probabilities in candidates:
+            predicted = probabilities.argmax(axis=1)
+            smoothed = smoothing.smooth_by_video(validation.videos, validation.frames, predicted,
+                                                 evaluation.window, evaluation.mode)
+            rows[row] = metrics.macro_f1(labels, predicted)
+            rows[f"{row}+smoothing"] = metrics.macro_f1(labels, smoothed)
+        halves[name] = {"scored_frames": int((labels >= 0).sum()), **rows}
+    return halves
+
+
 # ------------------------------------------------------------------ training
 
 def save_checkpoint(folder: str, trainer: TemporalTrainer, config: TemporalJobConfig, epoch: int,
@@ -217,7 +245,8 @@ def fit(config: TemporalJobConfig, train: FeatureSet, validation: FeatureSet, fr
         probabilities = predict_sequences(trainer.model, sequences, config.temporal.batch_clips,
                                           config.temporal.inference_stride)
         record = {"epoch": epoch + 1, "step": trainer.step, "loss": loss,
-                  "ablation": ablation(validation, probabilities, config.evaluation)}
+                  "ablation": ablation(validation, probabilities, config.evaluation),
+                  "halves": ablation_halves(validation, probabilities, config.evaluation)}
         history.append(record)
         if rank == 0:
             lines = "".join(json.dumps(item) + "\n" for item in history).encode()
@@ -233,11 +262,13 @@ def fit(config: TemporalJobConfig, train: FeatureSet, validation: FeatureSet, fr
         probabilities = predict_sequences(trainer.model, sequences, config.temporal.batch_clips,
                                           config.temporal.inference_stride)
         record = {"epoch": trainer.step // config.temporal.steps, "step": trainer.step,
-                  "ablation": ablation(validation, probabilities, config.evaluation)}
+                  "ablation": ablation(validation, probabilities, config.evaluation),
+                  "halves": ablation_halves(validation, probabilities, config.evaluation)}
     final = {"run": config.run.name, "frame_run_id": frame_run_id, "steps": trainer.step,
              "validation_frames": int(len(validation.labels)),
              "scored_frames": int((validation.labels >= 0).sum()),
              "train_frames": int(len(train.labels)), "ablation": record["ablation"],
+             "halves": record["halves"],
              "window": config.evaluation.window, "mode": config.evaluation.mode,
              "config": to_mapping(config)}
     if rank == 0:

@@ -9,6 +9,11 @@ beside the macro-F1 its paper reports. A post-processing row trains nothing: it 
 report-half macro-F1 (sliding-window vote, the row's window) of the *same trials* and epochs as the
 row it post-processes (the Trainer scores every validation window of the recipe each epoch).
 
+A temporal row (ABAW6's "+ temporal") trains a Transformer encoder over the frozen features of each
+trial of the row it refines, from that trial's checkpoint of its chosen epoch, after the grid
+(`pipeline.tuning.refine`, one run per trial under `<experiment>/refine/<row>/<trial>/`); its epoch
+is chosen on the selection half too, and a post-processing row of it smooths those same runs.
+
 Papers: ABAW5 (SSL with the Dynamic Threshold Module, 5th ABAW competition), ABAW6 (debiased
 teacher/student with feedback and temporal refinement, 6th ABAW competition), and the third paper
 (VGG baseline, supervised ResNet-18, MutexMatch, noise-aware model). Reported numbers are the papers'
@@ -17,6 +22,7 @@ validation macro-F1 (%).
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -52,6 +58,11 @@ class Row:
     """The post-processing window (must be in that row's evaluation.windows)."""
     not_run: str | None = None
     """Why jobs.ablate does not run this row (shown in the table)."""
+    refines: str | None = None
+    """A temporal row: the trained row whose models' features it learns from; `recipe` is then a
+    temporal recipe (jobs.train_temporal's)."""
+    demo_recipe: str | None = None
+    """The recipe stem at demo scale when it is not `demo_<recipe>`."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +72,30 @@ class Paper:
     rows: tuple[Row, ...]
 
     def trained(self) -> list[Row]:
-        return [row for row in self.rows if row.recipe and not row.not_run and not row.postprocess_of]
+        """The rows trained as Tune trials of the grid."""
+        return [row for row in self.rows
+                if row.recipe and not row.not_run and not row.postprocess_of and not row.refines]
+
+    def refined(self) -> list[Row]:
+        """The temporal rows, run after the grid on the trials of the rows they refine."""
+        return [row for row in self.rows if row.refines and not row.not_run]
+
+    def row(self, name: str) -> Row:
+        return next(row for row in self.rows if row.name == name)
+
+    def only(self, names: list[str]) -> Paper:
+        """The table restricted to `names` (in the table's order); a post-processing or temporal
+        row needs the row it builds on."""
+        known = [row.name for row in self.rows]
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise ValueError(f"--rows: {', '.join(unknown)} not in the {self.name} table ({', '.join(known)})")
+        chosen = [row for row in self.rows if row.name in names]
+        for row in chosen:
+            needed = row.postprocess_of or row.refines
+            if needed and needed not in names:
+                raise ValueError(f"--rows: {row.name} builds on {needed}; add it")
+        return Paper(self.name, self.title, tuple(chosen))
 
 
 BASELINE = Row("baseline", "baseline (organisers' VGG, frozen convolutions)", "23.00", "seed002_vgg_baseline")
@@ -78,10 +112,10 @@ PAPERS: dict[str, Paper] = {
     "abaw6": Paper("abaw6", "ABAW6: debiased teacher/student with feedback, temporal refinement", (
         BASELINE,
         Row("feedback", "teacher/student with feedback", "39.96 / 40.57", "abaw6_feedback"),
-        Row("temporal", "+ temporal refinement", "42.77",
-            not_run="not run by jobs.ablate yet (use jobs.train_temporal on the feedback model)"),
-        Row("postprocess", "+ post-processing (window 30; applied to the teacher/student model, "
-            "the paper applies it after the temporal row)", "44.43", postprocess_of="feedback", window=30),
+        Row("temporal", "+ temporal refinement (Transformer over the feedback models' features)", "42.77",
+            recipe="abaw6_temporal", demo_recipe="temporal", refines="feedback"),
+        Row("postprocess", "+ post-processing (window 30, after the temporal encoder)", "44.43",
+            postprocess_of="temporal", window=30),
     )),
     "seed002": Paper("seed002", "Third paper: supervised, MutexMatch and noise-aware models", (
         BASELINE,
@@ -125,7 +159,7 @@ def search_mapping(table: Paper, recipes: dict[str, dict[str, Any]], *, split: s
     variants = {row.name: row_recipe(row, recipes[row.recipe], split, overrides or [])
                 for row in table.trained()}
     for row in table.rows:
-        if row.postprocess_of:
+        if row.postprocess_of and row.postprocess_of in variants:
             windows = (variants[row.postprocess_of].get("evaluation") or {}).get("windows") or []
             if row.window not in [int(window) for window in windows]:
                 variants[row.postprocess_of].setdefault("evaluation", {})["windows"] = \
@@ -143,13 +177,18 @@ def search_mapping(table: Paper, recipes: dict[str, dict[str, Any]], *, split: s
 
 # ------------------------------------------------------------------------------ the table
 
+def selection_macro_f1(record: dict[str, Any]) -> float | None:
+    """An epoch record's selection-half macro-F1 (None when the epoch was not validated)."""
+    half = ((record.get("validation") or {}).get("halves") or {}).get("selection")
+    return float(half["macro_f1"]) if half else None
+
+
 def chosen_record(history: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The epoch record with the best selection-half macro-F1 (the first of equals)."""
-    scored = [record for record in history
-              if ((record.get("validation") or {}).get("halves") or {}).get("selection")]
+    scored = [record for record in history if selection_macro_f1(record) is not None]
     if not scored:
         return None
-    return max(scored, key=lambda record: float(record["validation"]["halves"]["selection"]["macro_f1"]))
+    return max(scored, key=selection_macro_f1)
 
 
 def report_half(record: dict[str, Any], window: int | None = None) -> float | None:
@@ -172,8 +211,37 @@ def interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float
     return mean, float(stats.t.ppf(0.5 + confidence / 2, len(values) - 1)) * spread
 
 
-def table_rows(table: Paper, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One dict per table row from the experiment's trials (report.read_trials)."""
+REFINE = "refine"
+"""`<experiment>/refine/<row>/<trial>/`: a temporal row's run on one trial's frame model."""
+REFINED_SCORE = "temporal"
+"""The temporal run's figure a refined row reports (`+smoothing` for its post-processing row)."""
+
+
+def chosen_refined(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The temporal run's epoch with the best selection-half macro-F1 of the encoder (the first of
+    equals); None before any epoch with halves."""
+    scored = [record for record in history if (record.get("halves") or {}).get("selection")]
+    if not scored:
+        return None
+    return max(scored, key=lambda record: float(record["halves"]["selection"][REFINED_SCORE]))
+
+
+def refined_report_half(record: dict[str, Any], smoothed: bool) -> float | None:
+    half = record["halves"].get("report") or {}
+    if not half.get("scored_frames"):
+        return None
+    return half.get(REFINED_SCORE + ("+smoothing" if smoothed else ""))
+
+
+def refined_uri(experiment: str, row: str, trial_id: str) -> str:
+    return storage.join(experiment, REFINE, row, trial_id)
+
+
+def table_rows(table: Paper, trials: list[dict[str, Any]],
+               refined: dict[tuple[str, str], list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
+    """One dict per table row from the experiment's trials (report.read_trials) and the temporal
+    rows' runs (`refined[(row, trial_id)]`: the run's metrics.jsonl records)."""
+    refined = refined or {}
     by_row: dict[str, list[dict[str, Any]]] = {}
     for trial in trials:
         variant = trial["params"].get(VARIANT)
@@ -181,12 +249,18 @@ def table_rows(table: Paper, trials: list[dict[str, Any]]) -> list[dict[str, Any
             by_row.setdefault(variant, []).append(trial)
     rows = []
     for row in table.rows:
-        source = row.postprocess_of or row.name
+        source = row.postprocess_of or row.name  # the row whose models are scored
+        temporal = table.row(source) if table.row(source).refines else None
+        trained_source = temporal.refines if temporal else source
         scores, seeds, models, epochs = [], [], [], []
         if not row.not_run:
-            for trial in sorted(by_row.get(source, []), key=lambda trial: trial["params"].get(SEED_KEY, 0)):
-                record = chosen_record(trial["history"])
-                value = report_half(record, row.window if row.postprocess_of else None) if record else None
+            for trial in sorted(by_row.get(trained_source, []), key=lambda trial: trial["params"].get(SEED_KEY, 0)):
+                if temporal:
+                    record = chosen_refined(refined.get((temporal.name, trial["trial_id"]), []))
+                    value = refined_report_half(record, smoothed=bool(row.postprocess_of)) if record else None
+                else:
+                    record = chosen_record(trial["history"])
+                    value = report_half(record, row.window if row.postprocess_of else None) if record else None
                 if value is None:
                     continue
                 scores.append(100.0 * float(value))
@@ -195,10 +269,14 @@ def table_rows(table: Paper, trials: list[dict[str, Any]]) -> list[dict[str, Any
                 epochs.append(int(record["epoch"]))
         mean, half_width = interval(scores) if scores else (None, None)
         note = row.not_run or ""
+        if row.refines:
+            note = (f"a temporal encoder on each {row.refines} trial's frame features "
+                    f"({REFINE}/{row.name}/<trial>; epochs are the encoder's)")
         if row.postprocess_of:
-            note = f"the {row.postprocess_of} trials' models, smoothed (no training)"
-        if not row.not_run and not scores and by_row.get(source):
-            note = (note + "; " if note else "") + "no report-half score (empty report half or no validated epoch)"
+            note = f"the {row.postprocess_of} row's models, smoothed (no training)"
+        if not row.not_run and not scores and by_row.get(trained_source):
+            note = (note + "; " if note else "") + "no report-half score (empty report half, no validated " \
+                "epoch, or no temporal run)"
         rows.append({"row": row.name, "label": row.label, "paper_macro_f1": row.reported,
                      "mean_macro_f1": mean, "ci95_half_width": half_width, "n_seeds": len(scores),
                      "seeds": seeds, "scores": scores, "trials": models, "epochs": epochs,
@@ -243,13 +321,29 @@ def render_csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
+def read_refined(experiment: str, table: Paper, trials: list[dict[str, Any]]
+                 ) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """The temporal rows' per-epoch records by (row, trial id), for the runs that exist."""
+    from pipeline.temporal.training import METRICS_LINES
+
+    found = {}
+    for row in table.refined():
+        for trial in trials:
+            uri = storage.join(refined_uri(experiment, row.name, trial["trial_id"]), METRICS_LINES)
+            if storage.exists(uri):
+                found[(row.name, trial["trial_id"])] = [json.loads(line) for line in
+                                                        storage.read_text(uri).splitlines() if line.strip()]
+    return found
+
+
 def write_table(experiment: str, table: Paper) -> dict[str, Any]:
     """`<experiment>/ablation.md` and `.csv` from the experiment folder (local or s3://)."""
     from pipeline.tuning import report
 
     experiment = storage.absolute(experiment) if not storage.is_remote(experiment) else experiment
     search = report.read_search(experiment)
-    rows = table_rows(table, report.read_trials(experiment, search))
+    trials = report.read_trials(experiment, search)
+    rows = table_rows(table, trials, read_refined(experiment, table, trials))
     storage.write_bytes_atomic(storage.join(experiment, f"{TABLE}.md"),
                                render_markdown(table, rows, experiment).encode())
     storage.write_bytes_atomic(storage.join(experiment, f"{TABLE}.csv"), render_csv(rows).encode())

@@ -14,6 +14,8 @@ from pipeline.core.pseudo_label_quality import flat_quality
 from pipeline.data import schema
 
 SELECTION = "selection"  # pipeline.training.evaluate.SELECTION
+SELECTION_SCORE = "selection_macro_f1"
+"""The epoch's own selection-half macro-F1 (the objective is its best so far)."""
 
 
 def selection_figures(record: dict[str, Any]) -> dict[str, float]:
@@ -25,9 +27,9 @@ def selection_figures(record: dict[str, Any]) -> dict[str, float]:
     half = (validation.get("halves") or {}).get(SELECTION)
     if half is None:
         return {}
-    figures = {"selection_macro_f1": float(half["macro_f1"])}
+    figures = {SELECTION_SCORE: float(half["macro_f1"])}
     for window, value in (half.get("smoothed") or {}).items():
-        figures[f"selection_macro_f1_smoothed_{window}"] = float(value)
+        figures[f"{SELECTION_SCORE}_smoothed_{window}"] = float(value)
     return figures
 
 

@@ -38,7 +38,7 @@ from pipeline.training import checkpoint, ray_train
 from pipeline.training.loop import METRICS_LINES, Trainer
 from pipeline.tuning import report
 from pipeline.tuning import search as search_file
-from pipeline.tuning.metrics import trial_metrics
+from pipeline.tuning.metrics import SELECTION_SCORE, trial_metrics
 from pipeline.tuning.search import MANIFEST, TIME_ATTRIBUTE, Search, SearchEntry
 
 # ------------------------------------------------------------------------------ the trial side
@@ -206,7 +206,11 @@ def build_tuner(search: Search) -> tuple[tune.Tuner, bool]:
         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
     run_config = tune.RunConfig(
         name=config.name, storage_path=storage.absolute(config.storage),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=config.checkpoints_to_keep),
+        # Kept: the best epochs by the selection half's macro-F1 (Tune keeps the newest as well, for
+        # resume), so the epoch a table or report scores still has its model.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=config.checkpoints_to_keep,
+                                                checkpoint_score_attribute=SELECTION_SCORE,
+                                                checkpoint_score_order="max"),
         verbose=1)
     return tune.Tuner(trainable_fn, param_space=param_space(search), tune_config=tune_config,
                       run_config=run_config), False
@@ -220,3 +224,32 @@ def run_search(search: Search) -> tune.ResultGrid:
     if restored:
         print(f"[tune] restoring {search.experiment}", flush=True)
     return tuner.fit()
+
+
+# ------------------------------------------------------------------------------ temporal rows
+
+def run_refined_rows(search: Search, table: Any, temporal_recipes: dict[str, dict[str, Any]],
+                     shards_root: str | None = None) -> list[Any]:
+    """The ablation's temporal rows after its grid (`refine.plan_refined_rows`), one run after
+    another on this Ray; returns the runs, a failed one with its `error` (also in its error.txt)."""
+    from pipeline.temporal.ray_train import extract_and_fit
+    from pipeline.tuning import refine
+
+    if not ray.is_initialized():
+        ensure_ray(dashboard=True)
+    done = []
+    for run in refine.plan_refined_rows(search, table, temporal_recipes, shards_root):
+        if run.error:
+            print(f"[ablate] {run.row}: trial {run.trial_id} not refined: {run.error}", flush=True)
+            done.append(refine.record_error(run, run.error))
+            continue
+        print(f"[ablate] {run.row}: trial {run.trial_id} (seed {run.seed}), frame model of epoch "
+              f"{run.frame_epoch}", flush=True)
+        try:
+            refine.record_start(run)
+            extract_and_fit(run.config)
+            done.append(run)
+        except Exception as error:  # one trial's failure must not lose the other rows' table
+            print(f"[ablate] {run.row}: trial {run.trial_id} failed: {error}", flush=True)
+            done.append(refine.record_error(run, error))
+    return done

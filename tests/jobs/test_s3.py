@@ -4,7 +4,6 @@ server mode), locally and through Ray Data; S3 output must match a local run byt
 from __future__ import annotations
 
 import os
-import socket
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,6 +16,8 @@ from pipeline.data.readers.base import SourceUnusable
 from pipeline.data.split import load_split, make_split
 from pipeline.demo.corpus import DemoCorpusConfig, write_demo_corpus
 
+from s3_server import running_s3_server
+
 pytestmark = pytest.mark.s3
 
 BUCKET = "fer-test"
@@ -25,37 +26,11 @@ SMALL = DemoCorpusConfig(train_videos=3, validation_videos=1, two_person_videos=
                          expw_images=15, ms1mv2_identities=10, ms1mv2_images=120)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3_server(tmp_path_factory):
+def s3_server():
     """A moto S3 server on 127.0.0.1, started for this module and stopped after it."""
-    moto_server = pytest.importorskip("moto.server")
-    port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    saved = {key: os.environ.get(key) for key in
-             ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update({
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    })
-    fs, _ = storage.filesystem(f"s3://{BUCKET}")
-    fs.mkdir(BUCKET)
-    try:
-        yield f"s3://{BUCKET}"
-    finally:
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with running_s3_server(BUCKET) as (uri, _):
+        yield uri
 
 
 @pytest.fixture(scope="module")

@@ -18,22 +18,11 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
-    """The tiny corpus with two validation videos (the tiny preset's one would leave the report
-    half empty), split as conftest.build_tiny_split does."""
-    import dataclasses
+    """The tiny split with two validation videos (the tiny preset's one would leave the report
+    half empty)."""
+    from conftest import build_tiny_split
 
-    from pipeline.data import ingest, schema
-    from pipeline.data.readers import make_reader
-    from pipeline.data.split import make_split
-    from pipeline.demo.corpus import PRESETS, write_demo_corpus
-
-    root = tmp_path_factory.mktemp("ablate_split")
-    write_demo_corpus(str(root / "corpus"), dataclasses.replace(PRESETS["tiny"], validation_videos=2))
-    for source in schema.SOURCES:
-        ingest.ingest(make_reader(source, str(root / "corpus" / source)), str(root / "shards"),
-                      progress=False)
-    make_split(str(root / "shards"), str(root / "split"), per_class=4, seed=0)
-    return str(root / "split")
+    return build_tiny_split(tmp_path_factory.mktemp("ablate_split"), validation_videos=2)
 
 
 def test_abaw5_table_rows_by_seeds(local_ray, split, tmp_path, capsys):
@@ -76,3 +65,4 @@ def test_abaw5_table_rows_by_seeds(local_ray, split, tmp_path, capsys):
     (experiment / "ablation.md").unlink()
     assert ablate.main(["--paper", "abaw5", "--table", str(experiment)]) == 0
     assert (experiment / "ablation.md").read_text() == text
+

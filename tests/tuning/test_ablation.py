@@ -66,7 +66,34 @@ def test_the_table_reads_the_report_half_at_the_chosen_epoch():
     assert "| 40.05 | 41.00 ± 12.71 | 2 |" in text
 
 
-def test_abaw6_lists_the_temporal_row_as_not_run():
-    rows = ablation.table_rows(ablation.PAPERS["abaw6"], [])
-    temporal = next(row for row in rows if row["row"] == "temporal")
-    assert temporal["n_seeds"] == 0 and "jobs.train_temporal" in temporal["note"]
+def temporal_record(epoch, selection, report, report_smoothed):
+    return {"epoch": epoch, "halves": {
+        "selection": {"scored_frames": 10, "frame": 0.0, "temporal": selection},
+        "report": {"scored_frames": 10, "frame": 0.0, "temporal": report, "temporal+smoothing": report_smoothed}}}
+
+
+def test_the_temporal_rows_read_their_runs_at_the_encoder_epoch_chosen_on_selection():
+    trials = [trial("f0", "feedback", 0, [record(1, 0.3, 0.30, 0.3)]),
+              trial("f1", "feedback", 1, [record(1, 0.3, 0.32, 0.3)]),
+              trial("f2", "feedback", 2, [record(1, 0.3, 0.32, 0.3)])]
+    refined = {("temporal", "f0"): [temporal_record(1, 0.2, 0.40, 0.45), temporal_record(2, 0.5, 0.42, 0.48)],
+               # equal selection scores: the first epoch
+               ("temporal", "f1"): [temporal_record(1, 0.5, 0.44, 0.50), temporal_record(2, 0.5, 0.60, 0.70)]}
+    rows = {row["row"]: row for row in ablation.table_rows(ablation.PAPERS["abaw6"], trials, refined)}
+    assert rows["feedback"]["trials"] == ["f0", "f1", "f2"]
+    # f2 has no temporal run: its seed is missing from both rows built on the encoder
+    assert rows["temporal"]["trials"] == ["f0", "f1"] and rows["temporal"]["epochs"] == [2, 1]
+    assert rows["temporal"]["scores"] == pytest.approx([42.0, 44.0])
+    assert rows["postprocess"]["scores"] == pytest.approx([48.0, 50.0])
+    assert rows["temporal"]["trained"] and not rows["postprocess"]["trained"]
+
+
+def test_a_table_restricted_to_some_rows_keeps_what_they_build_on():
+    table = ablation.PAPERS["abaw6"].only(["feedback", "temporal", "postprocess"])
+    assert [row.name for row in table.rows] == ["feedback", "temporal", "postprocess"]
+    assert [row.name for row in table.trained()] == ["feedback"]
+    assert [row.name for row in table.refined()] == ["temporal"]
+    with pytest.raises(ValueError, match="temporal builds on feedback"):
+        ablation.PAPERS["abaw6"].only(["baseline", "temporal"])
+    with pytest.raises(ValueError, match="nope not in the abaw6 table"):
+        ablation.PAPERS["abaw6"].only(["nope"])
