@@ -31,7 +31,7 @@ import yaml
 
 from pipeline.data import schema, storage
 from pipeline.training.config import load_config
-from pipeline.tuning.metrics import selection_figures
+from pipeline.tuning.metrics import selection_figures, trial_metrics
 from pipeline.tuning.search import MANIFEST, Search, SearchEntry, dump_yaml, load_search
 
 REPORT_FOLDER = "report"
@@ -77,11 +77,12 @@ def read_trials(experiment: str, search: Search) -> list[dict[str, Any]]:
         trial_id = name[len(TRIAL_PREFIX):]
         params_uri = storage.join(folder, "params.json")
         params = json.loads(storage.read_text(params_uri)) if storage.exists(params_uri) else {}
-        results = _json_lines(storage.join(folder, "result.json"))
+        reported = _json_lines(storage.join(folder, "result.json"))
         # One process: the Trainer's files are the trial folder's; with Ray Train workers they are
         # the trial's Train run's (`train/`), whose checkpoints Tune knows by path only.
         history = _json_lines(storage.join(folder, "metrics.jsonl")) or \
             _json_lines(storage.join(folder, TRAIN_RUN, "metrics.jsonl"))
+        results = per_epoch_results(history, reported)
         checkpoints = [storage.join(folder, entry) for entry in sorted(storage.list_dir(folder))
                        if entry.startswith("checkpoint_")]
         checkpoints += [result["checkpoint_path"] for result in results if result.get("checkpoint_path")]
@@ -92,6 +93,17 @@ def read_trials(experiment: str, search: Search) -> list[dict[str, Any]]:
                        "history": history, "status": status,
                        "checkpoint": checkpoints[-1] if checkpoints else None})
     return trials
+
+
+def per_epoch_results(history: list[dict[str, Any]], reported: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trial's metrics per epoch, rebuilt from the Trainer's records (complete) with Tune's
+    reported line of each epoch laid over them (checkpoint path, timings) where there is one.
+    Tune's result.json alone can miss epochs: a trial with Ray Train workers gives Tune no
+    checkpoint, so after a restore Tune starts its lines again at the epoch the Train run resumed."""
+    by_epoch = {int(line["epoch"]): line for line in reported if "epoch" in line}
+    rebuilt = [{**trial_metrics(history[:index + 1]), **by_epoch.get(int(record["epoch"]), {})}
+               for index, record in enumerate(history)]
+    return rebuilt or reported
 
 
 def _json_lines(uri: str) -> list[dict[str, Any]]:

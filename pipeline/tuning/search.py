@@ -246,6 +246,9 @@ def load_search(path: str | None = None, overrides: list[str] | None = None,
         else:
             set_path(data, keys, value, f"--set {override}")
     config = typed.from_mapping(SearchConfig, data)
+    # Trials run in their own working folders (Tune changes into them) and rebuild the search from
+    # its manifest there: a relative local storage would put their files inside those folders.
+    config = dataclasses.replace(config, storage=storage.absolute(config.storage))
     base = _base_mapping(config.base)
     variants = {name: _base_mapping(recipe) for name, recipe in config.variants.items()}
     for keys, value in base_overrides:

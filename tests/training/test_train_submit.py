@@ -111,7 +111,9 @@ def test_distributed_training_runs_under_ray_job_submit(ray_head, tiny_split, tm
     assert [(record["epoch"], record["step"]) for record in records] == [(1, STEPS)]
     record = records[0]
     assert len(record["thresholds"]) == schema.NUM_CLASSES
-    assert record["validation"] and 0.0 <= record["validation"]["macro_f1"] <= 1.0
+    validation = record["validation"]
+    halves = validation["halves"]
+    assert halves["selection"]["frames"] + halves["report"]["frames"] == validation["frames"] > 0
     assert record["images_per_second_total"] > 0
     ranks = [read_lines(Path(worker_metrics_uri(str(run), rank))) for rank in range(WORKERS)]
     assert [[line["epoch"] for line in lines] for lines in ranks] == [[1]] * WORKERS
@@ -120,6 +122,7 @@ def test_distributed_training_runs_under_ray_job_submit(ray_head, tiny_split, tm
     assert (final["run"], final["method"], final["epochs"], final["steps"]) == (RUN_NAME, "dtm", 1, STEPS)
     assert final["config"]["scaling"]["num_workers"] == WORKERS
     assert final["config"]["data"]["split"] == tiny_split
+    assert final["final"]["validation"]["macro_f1"] == validation["macro_f1"]
 
     # The job's log: the workers' epoch line and the job's summary naming Ray's checkpoint.
     assert re.search(r"\[train\] epoch 1 +step 2 ", logs), logs

@@ -46,6 +46,21 @@ def test_a_valid_search_resolves_its_base():
     assert search.grace_period == 1
 
 
+def test_a_trial_rebuilding_the_search_elsewhere_finds_the_same_experiment(tmp_path, monkeypatch):
+    """Tune runs each trial in its own working folder, where the trial rebuilds the search from
+    its manifest: a relative storage must not move the trial's files there (it did: the Trainer's
+    records of a `jobs/tune/demo_dtm.yaml` search landed under Ray's session folder)."""
+    monkeypatch.chdir(tmp_path)
+    search = load_search(mapping=search_mapping(storage="relative/tune"))
+    experiment = str(tmp_path / "relative" / "tune" / "unit")
+    assert search.experiment == experiment
+    (tmp_path / "trial_folder").mkdir()
+    monkeypatch.chdir(tmp_path / "trial_folder")
+    assert search.experiment == experiment
+    assert load_search(mapping=search.manifest()).experiment == experiment
+    assert load_search(mapping=search.manifest()).base["data"]["split"] == str(tmp_path / "some" / "split")
+
+
 def test_one_minus_loguniform_samples_one_minus_x():
     search = load_search(mapping=search_mapping())
     entry = search.config.space[0]

@@ -1,7 +1,9 @@
 """Resume with a real kill: the `jobs.tune` driver (and the local Ray it started) is SIGKILLed once
 its first trial has finished and the second has checkpointed its first epoch; re-running the same
 command restores the experiment, keeps the finished trial as it was, continues the second from its
-checkpoint and completes the search."""
+checkpoint and completes the search. Both trial paths: one process (Tune checkpoints), and (slow)
+a trial launching a Ray Train worker, whose restored Tune function resumes the trial's Train run by
+its name from Train's checkpoint."""
 
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import pytest
 import yaml
 from test_tune_ray import tiny_search
 
-from pipeline.tuning.report import tune_statuses
+from pipeline.tuning.report import read_trials, tune_statuses
+from pipeline.tuning.search import load_search
 
 from conftest import build_tiny_split
 
@@ -50,11 +53,16 @@ def snapshot(experiment: Path) -> dict[str, tuple[str, int | None]]:
     return trials
 
 
-def test_killed_driver_resumes_and_keeps_finished_trials(tmp_path):
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])
+def test_killed_driver_resumes_and_keeps_finished_trials(tmp_path, workers):
     split = build_tiny_split(tmp_path)
     search_file = tmp_path / "search.yaml"
     mapping = tiny_search(split, str(tmp_path / "tune"), "resume", concurrency=1, scheduler={"name": "fifo"})
     mapping["base"]["run"]["steps_per_epoch"] = 6  # an epoch long enough to kill the driver inside
+    if workers:
+        mapping["base"]["scaling"] = {"num_workers": workers, "cpus_per_worker": 0.5}
+        mapping["base"]["data"]["unlabeled_reader"] = "in_process"
+        mapping["resources_per_trial"] = {"cpu": 0.2}
     search_file.write_text(yaml.safe_dump(mapping))
     experiment = tmp_path / "tune" / "resume"
     command = [sys.executable, "-m", "jobs.tune", "--config", str(search_file), "--no-report"]
@@ -88,13 +96,27 @@ def test_killed_driver_resumes_and_keeps_finished_trials(tmp_path):
     assert done.read_bytes() == before  # the finished trial was not run again
     statuses = tune_statuses(str(experiment))
     assert len(statuses) == 3 and set(statuses.values()) == {"TERMINATED"}
+    search = load_search(str(search_file))
+    rebuilt = {trial["trial_id"]: trial for trial in read_trials(str(experiment), search)}
     for trial in statuses:
         lines = [json.loads(line) for line in (experiment / f"trial_{trial}" / "result.json").read_text().splitlines()]
-        assert [line["epoch"] for line in lines] == [1, 2], trial
+        if workers and trial == interrupted[0]:
+            # Tune holds no checkpoint of a worker trial (Train does), so it restarted this trial's
+            # lines at the restore; the Train run itself resumed at epoch 2 (below).
+            assert [line["epoch"] for line in lines] == [2], trial
+        else:
+            assert [line["epoch"] for line in lines] == [1, 2], trial
+        # The report's per-epoch figures are complete either way (rebuilt from the Trainer's records).
+        assert [result["epoch"] for result in rebuilt[trial]["results"]] == [1, 2], trial
+        assert rebuilt[trial]["results"][0]["best_selection_macro_f1"] is not None
     # The interrupted trial ran only its second epoch after the restore, from its epoch-1 checkpoint.
     lines = [json.loads(line) for line in
              (experiment / f"trial_{interrupted[0]}" / "result.json").read_text().splitlines()]
     assert lines[-1]["iterations_since_restore"] == 1
-    history = [json.loads(line) for line in
-               (experiment / f"trial_{interrupted[0]}" / "metrics.jsonl").read_text().splitlines()]
+    # The Trainer's own records (the Train run's, with workers): epoch 1 once, then epoch 2.
+    trial_folder = experiment / f"trial_{interrupted[0]}"
+    metrics = trial_folder / ("train" if workers else "") / "metrics.jsonl"
+    history = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [record["epoch"] for record in history] == [1, 2]
+    if workers:
+        assert "/train/checkpoint_" in lines[-1]["checkpoint_path"]
