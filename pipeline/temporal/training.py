@@ -143,8 +143,10 @@ def read_features(uris: list[str], subset: str) -> FeatureSet:
 # ------------------------------------------------------------------ evaluation
 
 def ablation(validation: FeatureSet, temporal_probabilities: np.ndarray | None,
-             evaluation: TemporalEvaluationConfig) -> dict[str, float]:
-    """Validation macro-F1 of the paper's rows: frame model, + smoothing, + temporal, + both."""
+             evaluation: TemporalEvaluationConfig, labels: np.ndarray | None = None) -> dict[str, float]:
+    """Validation macro-F1 of the paper's rows: frame model, + smoothing, + temporal, + both;
+    `labels` (default the validation labels) with -1 where a frame is not scored."""
+    labels = validation.labels if labels is None else labels
     rows: dict[str, float] = {}
     candidates = [("frame", validation.frame_probabilities)]
     if temporal_probabilities is not None:
@@ -153,8 +155,8 @@ def ablation(validation: FeatureSet, temporal_probabilities: np.ndarray | None,
         predicted = probabilities.argmax(axis=1)
         smoothed = smoothing.smooth_by_video(validation.videos, validation.frames, predicted,
                                              evaluation.window, evaluation.mode)
-        rows[name] = metrics.macro_f1(validation.labels, predicted)
-        rows[f"{name}+smoothing"] = metrics.macro_f1(validation.labels, smoothed)
+        rows[name] = metrics.macro_f1(labels, predicted)
+        rows[f"{name}+smoothing"] = metrics.macro_f1(labels, smoothed)
     return rows
 
 
@@ -162,23 +164,14 @@ def ablation_halves(validation: FeatureSet, temporal_probabilities: np.ndarray |
                     evaluation: TemporalEvaluationConfig) -> dict[str, dict[str, float]]:
     """The ablation rows on each half of the validation videos (`validation_halves`, as the frame
     training draws them): an epoch is chosen on the selection half and reported on the other.
-    Smoothing runs on the whole set first; it never crosses a video, so that equals smoothing a
-    half alone."""
+    Smoothing runs over all videos and the other half's frames are left unscored; a window never
+    crosses a video, so that equals smoothing a half alone."""
     selection = validation_halves(validation.videos, [""] * len(validation.videos), evaluation.halves_seed)
     halves: dict[str, dict[str, float]] = {}
     for name, mask in ((SELECTION, selection), (REPORT, ~selection)):
         labels = np.where(mask, validation.labels, schema.NO_LABEL)
-        rows: dict[str, float] = {}
-        candidates = [("frame", validation.frame_probabilities)]
-        if temporal_probabilities is not None:
-            candidates.append(("temporal", temporal_probabilities))
-        for row, probabilities in candidates:
-            predicted = probabilities.argmax(axis=1)
-            smoothed = smoothing.smooth_by_video(validation.videos, validation.frames, predicted,
-                                                 evaluation.window, evaluation.mode)
-            rows[row] = metrics.macro_f1(labels, predicted)
-            rows[f"{row}+smoothing"] = metrics.macro_f1(labels, smoothed)
-        halves[name] = {"scored_frames": int((labels >= 0).sum()), **rows}
+        halves[name] = {"scored_frames": int((labels >= 0).sum()),
+                        **ablation(validation, temporal_probabilities, evaluation, labels)}
     return halves
 
 

@@ -383,3 +383,31 @@ def test_trainer_leaves_the_global_generator_alone():
     trainer = TemporalTrainer(tiny_config(), sequences)
     trainer.train_steps(2)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_the_ablation_halves_split_whole_videos_as_the_frame_training_does():
+    """The temporal stage scores its rows on the same selection/report halves as the Trainer
+    (`validation_halves`, same seed): each half's figures are those of its own videos alone
+    (sklearn as the oracle), and the halves share no video."""
+    from sklearn.metrics import f1_score
+
+    from pipeline.temporal.training import FeatureSet, TemporalEvaluationConfig, ablation_halves
+    from pipeline.training.evaluate import validation_halves
+
+    generator = np.random.default_rng(0)
+    videos = np.repeat(np.array([f"video{index}" for index in range(6)], dtype=object), 20)
+    frames = np.tile(np.arange(20), 6)
+    labels = generator.integers(-1, 8, size=videos.size)
+    probabilities = generator.random((videos.size, 8)).astype(np.float32)
+    validation = FeatureSet(np.zeros((videos.size, 4), np.float32), labels, videos, frames, probabilities)
+    evaluation = TemporalEvaluationConfig(window=1, halves_seed=3)
+    halves = ablation_halves(validation, None, evaluation)
+    selection = validation_halves(videos, [""] * videos.size, 3)
+    assert set(videos[selection]).isdisjoint(set(videos[~selection])) and selection.any() and (~selection).any()
+    predicted = probabilities.argmax(axis=1)
+    for name, mask in (("selection", selection), ("report", ~selection)):
+        scored = mask & (labels >= 0)
+        assert halves[name]["scored_frames"] == int(scored.sum())
+        expected = f1_score(labels[scored], predicted[scored], labels=sorted(set(labels[scored]) | set(predicted[scored])),
+                            average="macro")
+        assert halves[name]["frame"] == pytest.approx(expected)

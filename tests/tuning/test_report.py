@@ -129,3 +129,20 @@ def test_the_job_rewrites_the_report(experiment, written, capsys):
     assert tune_job.main(["--report", str(experiment)]) == 0
     assert (experiment / "report" / "report.html").exists()
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["best_trial"] == "aaaa0002"
+
+
+def test_per_epoch_figures_come_from_the_trainer_records_when_tune_lines_are_missing():
+    """A trial with Ray Train workers gives Tune no checkpoint, so after a restore Tune's result.json
+    starts again at the resumed epoch; the report's per-epoch figures (curves, best epoch, the
+    rebuilt study) must still have every epoch the Trainer recorded, with Tune's line laid over
+    its own epoch."""
+    history = [epoch_record(1, 0.40, 0.30), epoch_record(2, 0.20, 0.10)]
+    reported = [{"epoch": 2, "time_total_s": 12.5, "checkpoint_path": "/x/train/checkpoint_000001"}]
+    results = report.per_epoch_results(history, reported)
+    assert [result["epoch"] for result in results] == [1, 2]
+    assert [result["selection_macro_f1"] for result in results] == [0.40, 0.20]
+    assert [result["best_selection_macro_f1"] for result in results] == [0.40, 0.40]
+    assert "time_total_s" not in results[0] and results[1]["time_total_s"] == 12.5
+    assert results[1]["checkpoint_path"] == "/x/train/checkpoint_000001"
+    # Without the Trainer's records, Tune's lines are all there is.
+    assert report.per_epoch_results([], reported) == reported
