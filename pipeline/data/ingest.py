@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from pipeline.data import shards, storage
 from pipeline.data.readers.base import SourceReader, SourceUnusable
+from pipeline.data.shards import skipped_records
 
 
 @dataclasses.dataclass
@@ -70,7 +71,7 @@ class Progress:
         self.done += 1
         self.rows += result.rows
         self.bytes += result.bytes
-        self.skipped += len(result.skipped)
+        self.skipped += skipped_records(result.skipped)
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         print(
             f"[{self.label}] {self.done}/{self.total_units} units  {self.rows:,} rows  "
@@ -111,15 +112,16 @@ def ingest(reader: SourceReader, out: str, executor: Executor = run_sequentially
     skipped = [skip.to_dict() for skip in plan.skipped]
     skipped += [skip for result in results for skip in result.skipped]
     rows = sum(entry.rows for entry in files)
+    lost = skipped_records(skipped)  # a skip can stand for a whole video's frames
     reasons = sorted({skip["reason"] for skip in skipped})
     if not files:
         raise SourceUnusable(
             f"{reader.source}: no usable record under {getattr(reader, 'root', '?')} "
             f"({len(skipped)} skipped: {reasons[:5]})"
         )
-    if len(skipped) > max_skipped_fraction * (rows + len(skipped)):
+    if lost > max_skipped_fraction * (rows + lost):
         raise TooManySkipped(
-            f"{reader.source}: {len(skipped):,} records skipped against {rows:,} read "
+            f"{reader.source}: {lost:,} records skipped ({len(skipped):,} skips) against {rows:,} read "
             f"(more than {max_skipped_fraction:.0%}; reasons {reasons[:5]}); no manifest written. "
             "Check the storage and the root, or raise --max-skipped-fraction."
         )

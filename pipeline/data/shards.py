@@ -28,6 +28,12 @@ class IncompleteOutput(FileNotFoundError):
     """A shard folder without a manifest: missing, or its writer did not finish."""
 
 
+def skipped_records(skips: list[dict[str, Any]]) -> int:
+    """The records a list of skips (`Skip.to_dict()` form) stands for: one each, unless the skip
+    says how many (a whole video, a whole annotation file)."""
+    return sum(int(skip.get("records", 1)) for skip in skips)
+
+
 @dataclass
 class FileEntry:
     path: str  # relative to the shard folder
@@ -147,7 +153,15 @@ class Manifest:
 
     @property
     def skipped_by_reason(self) -> dict[str, int]:
-        return dict(sorted(Counter(skip["reason"] for skip in self.skipped).items()))
+        """Records skipped, by reason (a skip of a whole video counts its frames)."""
+        counts: Counter = Counter()
+        for skip in self.skipped:
+            counts[skip["reason"]] += int(skip.get("records", 1))
+        return dict(sorted(counts.items()))
+
+    @property
+    def skipped_records(self) -> int:
+        return skipped_records(self.skipped)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -159,6 +173,7 @@ class Manifest:
             "rows": self.rows,
             "bytes": sum(entry.bytes for entry in self.files),
             "rows_by_split_label": self.rows_by_split_label,
+            "skipped_records": self.skipped_records,
             "skipped_by_reason": self.skipped_by_reason,
             "excluded": self.excluded,
             "details": self.details,
@@ -211,7 +226,7 @@ class Manifest:
             parts.append(f"  {split}: {sum(labels.values()):,} rows ({unlabeled:,} unlabeled) {per_class}")
         if self.skipped:
             reasons = ", ".join(f"{reason}={count}" for reason, count in self.skipped_by_reason.items())
-            parts.append(f"  skipped {len(self.skipped):,}: {reasons}")
+            parts.append(f"  skipped {self.skipped_records:,} records ({len(self.skipped):,} skips): {reasons}")
         if self.excluded:
             parts.append("  excluded by design: " + ", ".join(f"{k}={v}" for k, v in self.excluded.items()))
         return "\n".join(parts)

@@ -206,6 +206,22 @@ def test_affwild2_record_problems_are_skipped_and_counted(tmp_path):
     whole_file = [int(re.match(r"\d+", skip["detail"].split("; ")[-1]).group())
                   for skip in manifest.skipped if "sample_id" not in skip]
     assert manifest.rows + len(per_frame) + sum(whole_file) == 9 + 3 + 2
+    # The manifest counts the records the skips stand for, not the skips.
+    assert manifest.rows + manifest.skipped_records == 9 + 3 + 2
+    assert manifest.skipped_by_reason["missing_frame_folder"] == 2
+    assert manifest.skipped_by_reason["annotation_bad_header"] == 3
+
+
+def test_affwild2_videos_whose_frames_vanished_fail_the_skip_guard(tmp_path):
+    """Frame folders of 2 of 3 videos gone (a storage outage): two skips, but 20 of 30 annotated
+    frames lost, more than the default half, so no manifest is written."""
+    root = tmp_path / "affwild2"
+    for video in ("video1", "video2", "video3"):
+        frames = {frame: jpeg(8, 8) for frame in range(1, 11)} if video == "video1" else None
+        write_affwild2_video(root, CLASSIFICATION, "Train_Set", video, ["1"] * 10, frames)
+    with pytest.raises(ingest_module.TooManySkipped, match=r"20 records skipped \(2 skips\) against 10 read"):
+        ingest_module.ingest(AffWild2Reader(str(root)), str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out" / schema.AFFWILD2 / MANIFEST_NAME).exists()
 
 
 def test_affwild2_both_annotation_folders_is_unusable(tmp_path):

@@ -93,7 +93,9 @@ class AffWild2Reader(SourceReader):
                 "utf-8-sig", errors="replace")
         except OSError as error:
             reason, detail = read_failure(error, "unreadable_file")
-            rows.skip(reason, unit.annotation, detail)
+            # The video's frames are lost with its labels: count the frame files we can see.
+            frames = self._frame_files(unit)
+            rows.skip(reason, unit.annotation, f"{detail}; {frames} frame files not ingested", records=max(frames, 1))
             return {}
         lines = text.splitlines()
         while lines and not lines[-1].strip():
@@ -102,7 +104,7 @@ class AffWild2Reader(SourceReader):
         if header != HEADER:
             rows.skip("annotation_bad_header", unit.annotation,
                       f"first line {header!r}, expected {HEADER!r}; "
-                      f"{max(len(lines) - 1, 0)} lines not ingested")
+                      f"{max(len(lines) - 1, 0)} lines not ingested", records=max(len(lines) - 1, 1))
             return {}
         labels: dict[int, int] = {}
         # The header is line 1, so frame i is on line i + 1.
@@ -121,6 +123,15 @@ class AffWild2Reader(SourceReader):
             labels[frame] = label
         return labels
 
+    def _frame_files(self, unit: Unit) -> int:
+        """The number of .jpg files in the video's frame folder (0 if it cannot be listed)."""
+        fs, base = storage.filesystem(self.root)
+        try:
+            entries = fs.ls(posixpath.join(base, FRAMES_FOLDER, unit.video), detail=False)
+        except OSError:
+            return 0
+        return sum(1 for entry in entries if entry.rstrip("/").endswith(".jpg"))
+
     def _read_frames(self, unit: Unit, labels: dict[int, int], rows: RowBuffer) -> Iterator[Batch]:
         fs, base = storage.filesystem(self.root)
         relative_folder = posixpath.join(FRAMES_FOLDER, unit.video)
@@ -130,7 +141,7 @@ class AffWild2Reader(SourceReader):
             present = {posixpath.basename(entry.rstrip("/")) for entry in fs.ls(folder, detail=False)}
         except (FileNotFoundError, NotADirectoryError):
             rows.skip("missing_frame_folder", relative_folder,
-                      f"{len(labels)} annotated frames not ingested")
+                      f"{len(labels)} annotated frames not ingested", records=len(labels))
             return
         wanted: list[tuple[int, str]] = []
         for frame in labels:

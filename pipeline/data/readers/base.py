@@ -28,9 +28,14 @@ class Skip:
     location: str  # file[:line] or file@offset
     detail: str = ""
     sample_id: str | None = None
+    records: int = 1
+    """How many records this skip stands for: a whole video's annotated frames for a missing frame
+    folder, every line of an annotation file with a bad header. The skip guard counts these."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {key: value for key, value in asdict(self).items() if value not in ("", None)}
+        # `records` is written only where a skip stands for other than one record.
+        return {key: value for key, value in asdict(self).items()
+                if value not in ("", None) and not (key == "records" and value == 1)}
 
 
 @dataclass
@@ -90,8 +95,9 @@ class RowBuffer:
         columns[schema.WIDTH].append(info.width)
         self._bytes += len(image)
 
-    def skip(self, reason: str, location: str, detail: str = "", sample_id: str | None = None) -> None:
-        self.skipped.append(Skip(reason, location, detail, sample_id))
+    def skip(self, reason: str, location: str, detail: str = "", sample_id: str | None = None,
+             records: int = 1) -> None:
+        self.skipped.append(Skip(reason, location, detail, sample_id, records))
 
     @property
     def full(self) -> bool:
