@@ -79,16 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     # A manifest means "complete": take it away before anything changes.
     storage.remove(storage.join(arguments.out, MANIFEST))
     identity = {"checkpoint": model.checkpoint, "run_id": model.run_id,
-                "thresholds": [round(float(value), 9) for value in thresholds]}
+                "thresholds": [round(float(value), 9) for value in thresholds],
+                "inclusive": model.acceptance_inclusive}
     counts = run_predictions(
         inputs, row_filter, model.checkpoint, arguments.out, settings, identity,
-        finish=lambda table: mark_accepted(table, thresholds, model.run_id))
+        finish=lambda table: mark_accepted(table, thresholds, model.run_id, model.acceptance_inclusive))
     written = [item for item in inputs if item.rows > 0]
     tables = [storage.read_parquet(storage.join(arguments.out, item.relative)) for item in written]
     summary = summarise(tables)
     manifest = {
         "checkpoint": model.checkpoint, "run_id": model.run_id, "method": model.config.method,
         "threshold_source": threshold_source, "thresholds": thresholds.tolist(),
+        "acceptance_rule": "confidence >= threshold" if model.acceptance_inclusive else "confidence > threshold",
         "inputs": arguments.split or arguments.shards, **summary, **counts,
         "seconds": time.perf_counter() - started,
         "files": [{"path": item.relative, "input": item.uri, "rows": item.rows} for item in written],

@@ -181,7 +181,11 @@ def _threshold_vector(thresholds: torch.Tensor, probabilities: torch.Tensor) -> 
     return thresholds.to(device=probabilities.device, dtype=probabilities.dtype)
 
 
-def _above(values: torch.Tensor, thresholds: torch.Tensor, inclusive: bool) -> torch.Tensor:
+def clears(values: Any, thresholds: Any, inclusive: bool) -> Any:
+    """The project's one acceptance rule, for tensors and arrays alike: a confidence clears its
+    class threshold when it is above it, or (`inclusive`) equal to it. Training (the methods) and
+    the pseudo-label export both decide through this function, with the rule of the method
+    (`Method.acceptance_inclusive`)."""
     return values >= thresholds if inclusive else values > thresholds
 
 
@@ -198,7 +202,7 @@ def select_pseudo_labels(probabilities: torch.Tensor, thresholds: torch.Tensor, 
     probabilities = probabilities.detach()
     confidence, labels = probabilities.max(dim=1)
     class_thresholds = _threshold_vector(thresholds, probabilities)[labels]
-    return PseudoLabels(labels, _above(confidence, class_thresholds, inclusive), confidence)
+    return PseudoLabels(labels, clears(confidence, class_thresholds, inclusive), confidence)
 
 
 def select_clean_samples(probabilities: torch.Tensor, labels: torch.Tensor, thresholds: torch.Tensor, *,
@@ -215,7 +219,7 @@ def select_clean_samples(probabilities: torch.Tensor, labels: torch.Tensor, thre
     safe_labels = labels.clamp(min=0)
     own = probabilities.gather(1, safe_labels[:, None]).squeeze(1)
     class_thresholds = _threshold_vector(thresholds, probabilities)[safe_labels]
-    return valid & _above(own, class_thresholds, inclusive)
+    return valid & clears(own, class_thresholds, inclusive)
 
 
 def acceptance_histogram(labels: torch.Tensor, mask: torch.Tensor,

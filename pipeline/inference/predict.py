@@ -68,6 +68,11 @@ class FrameModel:
     def network(self) -> torch.nn.Module:
         return self.method.evaluation_model()
 
+    @property
+    def acceptance_inclusive(self) -> bool:
+        """The method's acceptance rule at its thresholds (`Method.acceptance_inclusive`)."""
+        return type(self.method).acceptance_inclusive
+
     def thresholds(self) -> np.ndarray | None:
         """The class thresholds the method held when saved (None for methods without them)."""
         thresholds = self.method.thresholds()

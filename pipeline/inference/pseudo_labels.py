@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline.core.thresholds import clears
 from pipeline.core.pseudo_label_quality import add_counts, empty_counts, quality_report
 from pipeline.data import schema
 from pipeline.data.schema import ACCEPTED, CONFIDENCE, DECODED, PREDICTED, RUN_ID, THRESHOLD
@@ -29,14 +30,16 @@ def class_thresholds(model_thresholds: np.ndarray | None, fixed: float | None) -
     return np.asarray(model_thresholds, np.float64), "checkpoint"
 
 
-def mark_accepted(table: pa.Table, thresholds: np.ndarray, run_id: str) -> pa.Table:
-    """Add the threshold of each row's predicted class, `accepted` (decoded and confidence >= that
-    threshold, the `select_pseudo_labels` rule) and the producing run."""
+def mark_accepted(table: pa.Table, thresholds: np.ndarray, run_id: str, inclusive: bool) -> pa.Table:
+    """Add the threshold of each row's predicted class, `accepted` (decoded and confidence clearing
+    that threshold by the producing method's rule, `core.thresholds.clears`, as in training) and the
+    producing run."""
     predicted = table[PREDICTED].to_numpy()
     decoded = table[DECODED].to_numpy(zero_copy_only=False)
     confidence = table[CONFIDENCE].to_numpy()
     threshold = np.where(predicted >= 0, thresholds[np.clip(predicted, 0, None)], np.nan)
-    accepted = decoded & (predicted >= 0) & (confidence >= threshold)
+    with np.errstate(invalid="ignore"):  # NaN thresholds (undecoded rows) compare False
+        accepted = decoded & (predicted >= 0) & clears(confidence, threshold, inclusive)
     return (table.append_column(THRESHOLD, pa.array(threshold.astype(np.float32)))
             .append_column(ACCEPTED, pa.array(accepted))
             .append_column(RUN_ID, pa.array([run_id] * table.num_rows, pa.string())))

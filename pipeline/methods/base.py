@@ -152,6 +152,10 @@ class Method(abc.ABC):
     Options: ClassVar[type]
     """Dataclass of the method's own options (the recipe's `method_options`)."""
     views: ClassVar[Views] = Views()
+    acceptance_inclusive: ClassVar[bool] = False
+    """Whether a pseudo label whose confidence equals its class threshold is accepted (the
+    method's paper decides); training and the pseudo-label export both apply it through
+    `core.thresholds.clears`."""
 
     def __init__(self, options: Any, context: MethodContext) -> None:
         self.options = options

@@ -93,7 +93,8 @@ class DynamicThresholdSSL(Method):
                 torch.stack([weak_logits.log_softmax(dim=1), strong_logits.log_softmax(dim=1)]), dim=0
             ) - math.log(2.0)
             # ŷ = argmax P̃, kept when max P̃ > τ_ŷ, eq. (5); labels and mask carry no gradient.
-            pseudo = select_pseudo_labels(log_average.exp(), self.threshold.thresholds)
+            pseudo = select_pseudo_labels(log_average.exp(), self.threshold.thresholds,
+                                          inclusive=self.acceptance_inclusive)
             if self.options.unlabeled_loss == "average":
                 # L_u = CE(ŷ, P̃), eq. (11): -log P̃_ŷ, whose gradient reaches both views.
                 losses = nn.functional.nll_loss(log_average, pseudo.labels, reduction="none")

@@ -55,7 +55,7 @@ class MutexMatchOptions:
 def split_by_confidence(probabilities: torch.Tensor, thresholds: torch.Tensor) -> PseudoLabels:
     """Hard pseudo labels and the confident mask: eq. (2) keeps "1(max(p_n^w) ≥ τ)" and eq. (3)
     takes "1(max(p_n^w) < τ)", so a confidence equal to T^c of its predicted class is confident."""
-    return select_pseudo_labels(probabilities, thresholds, inclusive=True)
+    return select_pseudo_labels(probabilities, thresholds, inclusive=MutexMatch.acceptance_inclusive)
 
 
 def complementary_labels(probabilities: torch.Tensor) -> torch.Tensor:
@@ -94,6 +94,7 @@ def negative_consistency_loss(weak_probabilities: torch.Tensor, strong_logits: t
 @register_method
 class MutexMatch(Method):
     name = "mutexmatch"
+    acceptance_inclusive = True  # eq. (2): "1(max(p_n^w) ≥ τ)"
     Options = MutexMatchOptions
     views = Views(unlabeled=True, unlabeled_strong=True)
 

@@ -125,7 +125,7 @@ def test_mark_accepted_uses_the_predicted_class_threshold():
                       CONFIDENCE: pa.array([0.5, 0.9, 0.6, 0.0], pa.float32()),
                       DECODED: [True, True, True, False]})
     thresholds = np.array([0.4, 0.7, 0, 0, 0, 0, 0, 0.99])
-    marked = mark_accepted(table, thresholds, "run@epoch-0001")
+    marked = mark_accepted(table, thresholds, "run@epoch-0001", inclusive=False)
     assert marked[ACCEPTED].to_pylist() == [True, True, False, False]
     assert marked[THRESHOLD].to_pylist()[:3] == pytest.approx([0.4, 0.7, 0.7])
     assert marked[THRESHOLD][3].as_py() != marked[THRESHOLD][3].as_py()  # NaN: no class
@@ -145,6 +145,47 @@ def test_mark_accepted_uses_the_predicted_class_threshold():
     assert quality["per_class"]["Disgust"]["coverage"] == 0.0
     assert quality["unknown"] == {"rows": 2, "accepted": 0, "accepted_per_class": dict.fromkeys(schema.CLASS_NAMES, 0)}
     assert set(quality["per_source"]) == {schema.EXPW, schema.MS1MV2, schema.AFFECTNET}
+
+
+def dtm_training_rule(probabilities, thresholds):
+    """DTM's acceptance in training (`DTM.train_step`'s call)."""
+    from pipeline.core.thresholds import select_pseudo_labels
+    from pipeline.methods import find_method
+
+    return select_pseudo_labels(probabilities, thresholds, inclusive=find_method("dtm").acceptance_inclusive)
+
+
+def mutexmatch_training_rule(probabilities, thresholds):
+    from pipeline.methods.mutexmatch import split_by_confidence
+
+    return split_by_confidence(probabilities, thresholds)
+
+
+@pytest.mark.parametrize("method, training_rule, expected", [
+    ("dtm", dtm_training_rule, [False, False, False, False, True]),
+    ("mutexmatch", mutexmatch_training_rule, [True, True, True, False, True]),
+])
+def test_the_export_accepts_exactly_what_the_method_accepts_in_training(method, training_rule, expected):
+    """At a confidence exactly equal to its class threshold, DTM (strict, its paper) rejects and
+    MutexMatch (eq. 2, "≥") accepts; the export must decide as the method's own training code
+    does, on both sides of every threshold."""
+    import torch
+
+    from pipeline.methods import find_method
+
+    thresholds = np.array([0.5, 0.625, 0.75, 0.5, 0.5, 0.5, 0.5, 0.5])
+    confidences = [0.5, 0.625, 0.75, 0.4, 0.875]  # three exactly at their threshold
+    predicted = [0, 1, 2, 3, 4]
+    probabilities = np.full((5, 8), 0.0)
+    for row, (label, confidence) in enumerate(zip(predicted, confidences)):
+        probabilities[row] = (1 - confidence) / 7
+        probabilities[row, label] = confidence
+    trained = training_rule(torch.tensor(probabilities, dtype=torch.float64), torch.tensor(thresholds))
+    assert trained.mask.tolist() == expected
+    table = pa.table({PREDICTED: pa.array(predicted, pa.int64()),
+                      CONFIDENCE: pa.array(confidences, pa.float64()), DECODED: [True] * 5})
+    exported = mark_accepted(table, thresholds, "run", find_method(method).acceptance_inclusive)
+    assert exported[ACCEPTED].to_pylist() == expected
 
 
 def test_file_collector_writes_complete_files_only_and_refuses_duplicates(tmp_path):
