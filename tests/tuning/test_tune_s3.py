@@ -1,5 +1,6 @@
-"""`jobs.tune` with the split, the experiment, its checkpoints and the report on S3 (a moto server
-on loopback; local Ray started after it, so its workers see the endpoint): the search runs, every
+"""`jobs.tune` with the experiment, its checkpoints and the report on S3 (a moto server on loopback;
+local Ray started after it, so its workers see the endpoint; the split is local, reading one from
+S3 is tests/jobs/test_s3.py's): the search runs, every
 trial's result and Tune checkpoint are in the bucket, the report is written there and rewritten
 from the bucket alone, and re-running the command restores the finished experiment instead of
 training again."""
@@ -31,17 +32,17 @@ def s3_bucket():
 
 
 @pytest.fixture(scope="module")
-def s3_split(s3_bucket, tmp_path_factory) -> str:
-    return build_tiny_split(tmp_path_factory.mktemp("tune-s3"), remote=f"{s3_bucket}/tiny")
+def split(s3_bucket, tmp_path_factory) -> str:
+    return build_tiny_split(tmp_path_factory.mktemp("tune-s3"))
 
 
-def test_a_search_on_s3_reports_there_and_resumes(s3_bucket, s3_split, local_ray, capsys):
+def test_a_search_on_s3_reports_there_and_resumes(s3_bucket, split, local_ray, capsys):
     from jobs import tune as tune_job
 
     experiment = f"{s3_bucket}/tune/{SEARCH_NAME}"
     arguments = ["--config", SEARCH_FILE, "--set", f"storage={s3_bucket}/tune", "--set", "trials=2",
                  "--set", "epochs=1", "--set", "concurrency=2", "--set", "scheduler.name=fifo",
-                 "--set", f"base.data.split={s3_split}", "--set", "base.model.backbone=test_resnet",
+                 "--set", f"base.data.split={split}", "--set", "base.model.backbone=test_resnet",
                  "--set", "base.data.image_size=32", "--set", "base.data.labeled_batch=8",
                  "--set", "base.data.shuffle_buffer=64", "--set", "base.run.steps_per_epoch=2",
                  "--set", "base.run.threads=1"]
@@ -63,7 +64,7 @@ def test_a_search_on_s3_reports_there_and_resumes(s3_bucket, s3_split, local_ray
     assert len(storage.read_bytes(storage.join(report, "report.html"))) > 1_000_000
     assert storage.exists(storage.join(report, "trials.parquet"))
     best = load_config(base=yaml.safe_load(storage.read_text(storage.join(report, "best_config.yaml"))))
-    assert best.data.split == s3_split
+    assert best.data.split == split
 
     # The report is rewritten from the bucket alone.
     storage.remove(storage.join(report, "report.html"))
