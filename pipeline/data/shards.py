@@ -28,10 +28,14 @@ class IncompleteOutput(FileNotFoundError):
     """A shard folder without a manifest: missing, or its writer did not finish."""
 
 
+def skip_records(skip: dict[str, Any]) -> int:
+    """The records one skip (`Skip.to_dict()` form) stands for: one, unless it says how many (a
+    whole video, a whole annotation file)."""
+    return int(skip.get("records", 1))
+
+
 def skipped_records(skips: list[dict[str, Any]]) -> int:
-    """The records a list of skips (`Skip.to_dict()` form) stands for: one each, unless the skip
-    says how many (a whole video, a whole annotation file)."""
-    return sum(int(skip.get("records", 1)) for skip in skips)
+    return sum(skip_records(skip) for skip in skips)
 
 
 @dataclass
@@ -156,7 +160,7 @@ class Manifest:
         """Records skipped, by reason (a skip of a whole video counts its frames)."""
         counts: Counter = Counter()
         for skip in self.skipped:
-            counts[skip["reason"]] += int(skip.get("records", 1))
+            counts[skip["reason"]] += skip_records(skip)
         return dict(sorted(counts.items()))
 
     @property

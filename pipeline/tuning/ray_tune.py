@@ -205,7 +205,7 @@ def build_tuner(search: Search) -> tuple[tune.Tuner, bool]:
         max_concurrent_trials=config.concurrency,
         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
     run_config = tune.RunConfig(
-        name=config.name, storage_path=storage.absolute(config.storage),
+        name=config.name, storage_path=config.storage,
         # Kept: the best epochs by the selection half's macro-F1 (Tune keeps the newest as well, for
         # resume), so the epoch a table or report scores still has its model.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=config.checkpoints_to_keep,

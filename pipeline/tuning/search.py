@@ -183,8 +183,8 @@ class Search:
 
     @property
     def experiment(self) -> str:
-        """The experiment folder: `<storage>/<name>` (absolute when local)."""
-        return storage.join(storage.absolute(self.config.storage), self.config.name)
+        """The experiment folder: `<storage>/<name>` (`load_search` made a local storage absolute)."""
+        return storage.join(self.config.storage, self.config.name)
 
     @property
     def grace_period(self) -> int:

@@ -123,22 +123,26 @@ class AffWild2Reader(SourceReader):
             labels[frame] = label
         return labels
 
+    def _frame_names(self, unit: Unit) -> set[str]:
+        """The file names in the video's frame folder: one listing per video tells every missing
+        frame apart without a request each. Raises FileNotFoundError/NotADirectoryError when the
+        folder is not there."""
+        fs, base = storage.filesystem(self.root)
+        entries = fs.ls(posixpath.join(base, FRAMES_FOLDER, unit.video), detail=False)
+        return {posixpath.basename(entry.rstrip("/")) for entry in entries}
+
     def _frame_files(self, unit: Unit) -> int:
         """The number of .jpg files in the video's frame folder (0 if it cannot be listed)."""
-        fs, base = storage.filesystem(self.root)
         try:
-            entries = fs.ls(posixpath.join(base, FRAMES_FOLDER, unit.video), detail=False)
+            return sum(1 for name in self._frame_names(unit) if name.endswith(".jpg"))
         except OSError:
             return 0
-        return sum(1 for entry in entries if entry.rstrip("/").endswith(".jpg"))
 
     def _read_frames(self, unit: Unit, labels: dict[int, int], rows: RowBuffer) -> Iterator[Batch]:
         fs, base = storage.filesystem(self.root)
         relative_folder = posixpath.join(FRAMES_FOLDER, unit.video)
-        folder = posixpath.join(base, relative_folder)
         try:
-            # One listing per video tells every missing frame apart without a request each.
-            present = {posixpath.basename(entry.rstrip("/")) for entry in fs.ls(folder, detail=False)}
+            present = self._frame_names(unit)
         except (FileNotFoundError, NotADirectoryError):
             rows.skip("missing_frame_folder", relative_folder,
                       f"{len(labels)} annotated frames not ingested", records=len(labels))
