@@ -116,6 +116,7 @@ class SplitSummary:
             "created": self.created,
             "pipeline_version": self.pipeline_version,
             "shards_root": self.shards_root,
+            "shards_root_from_split": _relative_root(self.shards_root, self.out),
             "seed": self.seed,
             "per_class": self.per_class,
             "sources": self.sources,
@@ -133,7 +134,7 @@ class SplitSummary:
         schema.check_schema_version(int(payload["schema_version"]), storage.join(out, SPLIT_NAME))
         return cls(
             out=out,
-            shards_root=payload["shards_root"],
+            shards_root=resolve_shards_root(payload, out),
             seed=int(payload["seed"]),
             per_class=int(payload["per_class"]),
             sources=payload["sources"],
@@ -294,12 +295,38 @@ def load_split(out: str) -> SplitSummary:
     return SplitSummary.from_dict(storage.read_json(uri), out)
 
 
+def _relative_root(shards_root: str, out: str) -> str | None:
+    """The shard root as a path from the split folder, when both are local (None otherwise): a split
+    and its shards copied together to another machine or mount still find each other."""
+    if storage.is_remote(shards_root) or storage.is_remote(out):
+        return None
+    return os.path.relpath(os.path.abspath(shards_root), os.path.abspath(out)).replace(os.sep, "/")
+
+
+def resolve_shards_root(payload: dict[str, Any], out: str) -> str:
+    """Where the shards of the split recorded in `payload` (read from `out`) are now: the recorded
+    relative path when it leads to a folder, else the recorded absolute one when that exists (the
+    split moved, the shards did not); fails naming both when neither does."""
+    recorded = payload["shards_root"]
+    relative = payload.get("shards_root_from_split")
+    if relative is None or storage.is_remote(out):
+        return recorded
+    moved = os.path.normpath(os.path.join(os.path.abspath(out), *relative.split("/")))
+    if os.path.isdir(moved):
+        return moved
+    if storage.is_remote(recorded) or os.path.isdir(recorded):
+        return recorded
+    raise FileNotFoundError(f"{storage.join(out, SPLIT_NAME)}: its shards are neither at {moved} "
+                            f"(recorded relative to the split) nor at {recorded} (recorded absolute)")
+
+
 def load_unlabeled_pool(split_dir: str, shards_root: str | None = None) -> UnlabeledPool:
     """The unlabeled pool of a finished split; `shards_root` overrides the recorded root (moved
     shards)."""
-    folder = load_split(split_dir).folder(UNLABELED)
+    summary = load_split(split_dir)
+    folder = summary.folder(UNLABELED)
     payload = storage.read_json(storage.join(folder, POOL_NAME))
-    root = shards_root if shards_root is not None else payload["shards_root"]
+    root = shards_root if shards_root is not None else summary.shards_root
     excluded_ids = _read_parquet(storage.join(folder, payload["excluded_ids"]),
                                  columns=[schema.SAMPLE_ID])[schema.SAMPLE_ID].combine_chunks()
     if len(excluded_ids) != payload["excluded_rows"]:

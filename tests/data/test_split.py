@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -324,3 +325,22 @@ def test_unlabeled_mask_rule():
 def test_bad_arguments(shards_root, tmp_path, per_class, seed):
     with pytest.raises(ValueError):
         split.make_split(shards_root, str(tmp_path), per_class, seed)
+
+
+def test_a_split_copied_with_its_shards_to_another_place_finds_them_there(tmp_path):
+    first, second = tmp_path / "machine-a", tmp_path / "machine-b"
+    root = build_root(str(first / "data" / "shards"), sources=(schema.AFFWILD2,))
+    split.make_split(root, str(first / "data" / "split"), PER_CLASS, seed=0)
+    expected = unlabeled_ids(str(first / "data" / "split"))
+    # The split alone copied elsewhere: the shards are still where it recorded them.
+    split_only = tmp_path / "elsewhere" / "split"
+    shutil.copytree(first / "data" / "split", split_only)
+    assert split.load_split(str(split_only)).shards_root == root
+    # Both moved together and the original deleted: found relative to the split.
+    shutil.copytree(first, second)
+    shutil.rmtree(first)
+    moved = str(second / "data" / "split")
+    assert split.load_split(moved).shards_root == str(second / "data" / "shards")
+    assert unlabeled_ids(moved) == expected
+    with pytest.raises(FileNotFoundError, match="neither at .*elsewhere.* nor at .*machine-a"):
+        split.load_split(str(split_only))
