@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         if arguments.submission:
             wanted = (submission.frame_list_from_annotations(arguments.submission)
                       if storage.is_dir(arguments.submission) else submission.read_frame_list(arguments.submission))
-        connect(settings)
+        settings = connect(settings)
     except (ConfigError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

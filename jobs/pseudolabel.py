@@ -37,13 +37,18 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
     parser.add_argument("--gpus-per-actor", type=float, default=0.0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per actor")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: GPU actors (one GPU each unless --gpus-per-actor) when the cluster "
+                             "has GPUs; cuda: GPU actors even on GPU nodes scaled to zero")
+    parser.add_argument("--resource-wait-seconds", type=float, default=900.0,
+                        help="on a cluster, how long to wait for the autoscaler to fit the pool")
 
 
 def inference_config(arguments: argparse.Namespace) -> InferenceConfig:
     return InferenceConfig(batch_size=arguments.batch_size, actors=arguments.actors,
                            cpus_per_actor=arguments.cpus_per_actor, gpus_per_actor=arguments.gpus_per_actor,
-                           threads=arguments.threads, device=arguments.device)
+                           threads=arguments.threads, device=arguments.device,
+                           resource_wait_seconds=arguments.resource_wait_seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = inference_config(arguments)
         model = load_frame_model(arguments.checkpoint, "cpu")
         thresholds, threshold_source = class_thresholds(model.thresholds(), arguments.confidence)
-        connect(settings)
+        settings = connect(settings)
     except (ConfigError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -5,6 +5,8 @@ file per input file. Inputs already done by an earlier run with the same model a
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any, Callable
 
 import pyarrow as pa
@@ -13,7 +15,7 @@ from ray.data import ActorPoolStrategy
 
 from pipeline.config import ConfigError
 from pipeline.data import schema, storage
-from pipeline.inference.config import InferenceConfig
+from pipeline.inference.config import InferenceConfig, pool_shortfall, with_accelerators
 from pipeline.inference.predict import FrameModel, load_frame_model, predict_rows
 from pipeline.inference.prediction_files import PATH_COLUMN, FileCollector, InputFile, RowFilter, is_done
 
@@ -37,31 +39,73 @@ class Predictor:
         return predict_rows(self.model, table, self.with_features).append_column(PATH_COLUMN, table[PATH_COLUMN])
 
 
-def check_pool_fits(settings: InferenceConfig, cluster_cpus: float) -> None:
-    """Refuse an actor pool that would hold every CPU of the cluster: the read and filter tasks
-    feeding it would never get one, and the job would wait forever (Ray Data does not take CPUs
-    back from an actor pool to run them)."""
-    reserved = settings.actors * settings.cpus_per_actor
-    if reserved >= cluster_cpus:
-        raise ConfigError(
-            f"inference: {settings.actors} actors x {settings.cpus_per_actor} CPUs = {reserved:g} "
-            f"CPUs, but the cluster has {cluster_cpus:g}; leave at least one CPU for the read tasks "
-            "(fewer actors, or --cpus-per-actor below 1 with --threads to match)")
+def check_pool_fits(settings: InferenceConfig, resources: dict[str, float]) -> None:
+    """Refuse a pool the cluster cannot run now (see `pool_shortfall`): it would wait forever."""
+    shortfall = pool_shortfall(settings, resources)
+    if shortfall:
+        raise ConfigError(f"inference: the actor pool does not fit: {shortfall} (fewer actors, or "
+                          "--cpus-per-actor below 1 with --threads to match)")
 
 
-def connect(settings: InferenceConfig, dashboard: bool = False) -> None:
-    """Join (or start) Ray and check the actor pool fits it: jobs call this before changing any
-    output, so a pool that cannot run fails with a message instead of waiting forever."""
+def wait_for_pool(settings: InferenceConfig, can_grow: bool,
+                  resources: Callable[[], dict[str, float]] = lambda: ray.cluster_resources(),
+                  request: Callable[[list[dict[str, float]]], None] | None = None,
+                  poll_seconds: float = 5.0, clock: Callable[[], float] = time.monotonic,
+                  sleep: Callable[[float], None] = time.sleep) -> InferenceConfig:
+    """The pool's settings once the cluster can run it. A cluster that can grow is asked for the
+    pool's resources (`ray.autoscaler.sdk.request_resources`) and polled until they are there or
+    `settings.resource_wait_seconds` have passed; a local Ray (no autoscaler) is checked once.
+    The device is decided (`with_accelerators`) from the GPUs present when the pool fits."""
+    current = resources()
+    resolved = with_accelerators(settings, current.get("GPU", 0.0))
+    if not can_grow or pool_shortfall(resolved, current) is None:
+        check_pool_fits(resolved, current)
+        return resolved
+    bundles = ([{"CPU": resolved.cpus_per_actor, "GPU": resolved.gpus_per_actor}
+                if resolved.gpus_per_actor else {"CPU": resolved.cpus_per_actor}] * resolved.actors
+               + [{"CPU": 1.0}])
+    (request or _request_resources)(bundles)
+    deadline = clock() + resolved.resource_wait_seconds
+    announced = 0.0
+    try:
+        while (shortfall := pool_shortfall(resolved, current)) is not None:
+            if clock() >= deadline:
+                raise ConfigError(
+                    f"inference: waited {resolved.resource_wait_seconds:g} s for the autoscaler and the "
+                    f"actor pool still does not fit: {shortfall}. Check the cluster's worker types and "
+                    "limits (or raise --resource-wait-seconds)")
+            if clock() >= announced:
+                print(f"[predict] waiting for the autoscaler: {shortfall}", flush=True)
+                announced = clock() + 60.0
+            sleep(poll_seconds)
+            current = resources()
+    finally:
+        (request or _request_resources)([])  # the pool's actors hold the nodes from here on
+    return resolved
+
+
+def _request_resources(bundles: list[dict[str, float]]) -> None:
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=bundles)
+
+
+def connect(settings: InferenceConfig, dashboard: bool = False) -> InferenceConfig:
+    """Join (or start) Ray and wait until the actor pool fits it (on a cluster, asking the
+    autoscaler): jobs call this before changing any output, so a pool that cannot run fails with
+    a message instead of waiting forever. Returns the settings with the device decided."""
     from pipeline.data.ray_ingest import ensure_ray
 
     ensure_ray(dashboard=dashboard)
-    check_pool_fits(settings, float(ray.cluster_resources().get("CPU", 0)))
+    return wait_for_pool(settings, can_grow=bool(os.environ.get("RAY_ADDRESS")))
 
 
 def prediction_dataset(inputs: list[InputFile], row_filter: RowFilter, checkpoint: str,
                        settings: InferenceConfig, with_features: bool = False) -> ray.data.Dataset:
     """The lazily executed stream of `predict_rows` tables (plus the input `path`) for `inputs`."""
-    check_pool_fits(settings, float(ray.cluster_resources().get("CPU", 0)))  # callers may skip connect()
+    resources = ray.cluster_resources()
+    settings = with_accelerators(settings, resources.get("GPU", 0.0))
+    check_pool_fits(settings, resources)  # callers may skip connect()
     filesystem, _ = storage.filesystem(inputs[0].uri)
     dataset = ray.data.read_parquet([item.path for item in inputs], filesystem=filesystem,
                                     include_paths=True)

@@ -453,11 +453,76 @@ def torch_save(state: dict, path) -> None:
     torch.save(state, path)
 
 
-def test_an_actor_pool_that_would_hold_every_cpu_is_refused():
+def test_an_actor_pool_that_would_hold_every_cpu_or_lacks_gpus_is_refused():
     from pipeline.config import ConfigError
     from pipeline.inference.config import InferenceConfig
     from pipeline.inference.ray_inference import check_pool_fits
 
-    check_pool_fits(InferenceConfig(actors=2, cpus_per_actor=0.5), cluster_cpus=2)
-    with pytest.raises(ConfigError, match="leave at least one CPU"):
-        check_pool_fits(InferenceConfig(actors=2, cpus_per_actor=1.0), cluster_cpus=2)
+    check_pool_fits(InferenceConfig(actors=2, cpus_per_actor=0.5), {"CPU": 2.0})
+    with pytest.raises(ConfigError, match=r"= 2 CPUs plus one for the read tasks, the cluster has 2"):
+        check_pool_fits(InferenceConfig(actors=2, cpus_per_actor=1.0), {"CPU": 2.0})
+    gpu_pool = InferenceConfig(actors=4, cpus_per_actor=1.0, gpus_per_actor=0.5, device="cuda")
+    check_pool_fits(gpu_pool, {"CPU": 8.0, "GPU": 2.0})
+    with pytest.raises(ConfigError, match=r"= 2 GPUs, the cluster has 1"):
+        check_pool_fits(gpu_pool, {"CPU": 8.0, "GPU": 1.0})
+
+
+def test_the_device_decides_whether_actors_get_gpus():
+    from pipeline.config import ConfigError
+    from pipeline.inference.config import InferenceConfig, with_accelerators
+
+    def decided(cluster_gpus: float, **settings) -> tuple[str, float]:
+        resolved = with_accelerators(InferenceConfig(**settings), cluster_gpus)
+        return resolved.device, resolved.gpus_per_actor
+
+    assert decided(0.0) == ("cpu", 0.0)  # auto, no GPU anywhere
+    assert decided(8.0) == ("cuda", 1.0)  # auto on a GPU cluster: GPU actors, not hidden GPUs
+    assert decided(0.0, device="cuda") == ("cuda", 1.0)  # GPU nodes still scaled to zero
+    assert decided(0.0, gpus_per_actor=0.25) == ("cuda", 0.25)
+    assert decided(8.0, device="cpu") == ("cpu", 0.0)
+    with pytest.raises(ConfigError, match="inference.gpus_per_actor"):
+        InferenceConfig(device="cpu", gpus_per_actor=1.0)
+
+
+class ScriptedCluster:
+    """A cluster's resources over time: `nodes_after` polls, a node with 4 CPUs and 1 GPU joins."""
+
+    def __init__(self, nodes_after: int | None) -> None:
+        self.nodes_after, self.polls, self.now = nodes_after, 0, 0.0
+        self.requests: list[list[dict]] = []
+
+    def resources(self) -> dict[str, float]:
+        self.polls += 1
+        grown = self.nodes_after is not None and self.polls > self.nodes_after
+        return {"CPU": 4.0, "GPU": 1.0} if grown else {}
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_a_pool_on_a_cluster_scaled_to_zero_asks_the_autoscaler_and_waits():
+    from pipeline.config import ConfigError
+    from pipeline.inference.config import InferenceConfig
+    from pipeline.inference.ray_inference import wait_for_pool
+
+    def wait(cluster: ScriptedCluster, can_grow: bool, **settings):
+        return wait_for_pool(InferenceConfig(**settings), can_grow, resources=cluster.resources,
+                             request=cluster.requests.append, poll_seconds=5.0,
+                             clock=lambda: cluster.now, sleep=cluster.sleep)
+
+    cluster = ScriptedCluster(nodes_after=3)
+    resolved = wait(cluster, True, actors=2, cpus_per_actor=1.0, device="cuda", gpus_per_actor=0.5)
+    assert (resolved.device, resolved.gpus_per_actor) == ("cuda", 0.5)
+    assert cluster.polls == 4 and cluster.now == 15.0
+    # The pool's bundles (plus a CPU for the reads) are requested, then the request is cleared.
+    assert cluster.requests == [[{"CPU": 1.0, "GPU": 0.5}] * 2 + [{"CPU": 1.0}], []]
+
+    never = ScriptedCluster(nodes_after=None)
+    with pytest.raises(ConfigError, match=r"waited 60 s for the autoscaler .* 2 GPUs, the cluster has 0"):
+        wait(never, True, actors=2, device="cuda", resource_wait_seconds=60)
+    assert never.now == 60.0 and never.requests[-1] == []
+
+    local = ScriptedCluster(nodes_after=3)  # a local Ray cannot grow: refused at once
+    with pytest.raises(ConfigError, match="does not fit"):
+        wait(local, False, actors=2)
+    assert local.polls == 1 and local.requests == []
