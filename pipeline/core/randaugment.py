@@ -14,6 +14,8 @@ from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN
 from timm.data.auto_augment import rand_augment_transform
 
+from pipeline.core import devices
+
 # ITU-R 601 luma, the weights of Pillow's convert("L") that ImageEnhance blends towards.
 LUMA = (0.299, 0.587, 0.114)
 # timm's magnitude scale: level = magnitude / 10, and magnitudes are clipped to [0, 10].
@@ -31,7 +33,7 @@ def _blend(degenerate: torch.Tensor, images: torch.Tensor, factor: torch.Tensor)
 
 def grey(images: torch.Tensor) -> torch.Tensor:
     """Luma of an (N, 3, H, W) batch in [0, 1], shape (N, 1, H, W)."""
-    weights = images.new_tensor(LUMA).view(1, 3, 1, 1)
+    weights = devices.constant(LUMA, images.device, images.dtype).view(1, 3, 1, 1)
     return (images * weights).sum(1, keepdim=True)
 
 
@@ -98,7 +100,14 @@ def equalize(images: torch.Tensor) -> torch.Tensor:
     levels = (images.contiguous() * 255.0).round_().clamp_(0, 255).long()
     levels = levels.reshape(count * channels, height * width)
     offsets = torch.arange(count * channels, device=images.device).view(-1, 1) * 256
-    histogram = torch.bincount((levels + offsets).view(-1), minlength=count * channels * 256)
+    bins = (levels + offsets).view(-1)
+    if images.device.type == "cpu":
+        histogram = torch.bincount(bins, minlength=count * channels * 256)
+    else:
+        # A device bincount reads the largest bin back to size its output (a host wait); the
+        # size is known, so count with index_add instead.
+        histogram = torch.zeros(count * channels * 256, dtype=torch.int64, device=images.device)
+        histogram.index_add_(0, bins, torch.ones_like(bins))
     histogram = histogram.view(count * channels, 256)
     last_used = 255 - (histogram > 0).flip(1).int().argmax(1, keepdim=True)
     step = (histogram.sum(1, keepdim=True) - histogram.gather(1, last_used)) // 255
@@ -151,13 +160,27 @@ def translate_y_matrix(fraction: torch.Tensor, height: int, width: int) -> torch
     return _matrices([[1, 0, 0], [0, 1, fraction.double() * height], [0, 0, 1]], fraction.double())
 
 
+def normalised_theta(matrices: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Pixel-space (N, 3, 3) matrices as grid_sample's (N, 2, 3) thetas in normalised coordinates;
+    on the host, where the matrices are drawn (a device matrix inverse checks its result on the
+    host)."""
+    to_pixels = matrices.new_tensor([[width / 2, 0, width / 2], [0, height / 2, height / 2], [0, 0, 1]])
+    to_normalised = torch.linalg.inv(to_pixels)
+    return (to_normalised @ matrices @ to_pixels)[:, :2]
+
+
 def affine(images: torch.Tensor, matrices: torch.Tensor, fill: tuple[float, float, float]
            ) -> torch.Tensor:
     """Warp each image by its pixel-space matrix in one grid_sample; outside pixels get `fill`."""
+    _, _, height, width = images.shape
+    theta = devices.to_device(normalised_theta(matrices, height, width), images.device)
+    return warp(images, theta, fill)
+
+
+def warp(images: torch.Tensor, theta: torch.Tensor, fill: tuple[float, float, float]) -> torch.Tensor:
+    """`affine` from thetas already on the images' device."""
     count, _, height, width = images.shape
-    to_pixels = matrices.new_tensor([[width / 2, 0, width / 2], [0, height / 2, height / 2], [0, 0, 1]])
-    to_normalised = torch.linalg.inv(to_pixels)
-    theta = (to_normalised @ matrices @ to_pixels)[:, :2].to(images.device, images.dtype)
+    theta = theta.to(images.dtype)
     # affine_grid's equivalent by broadcasting: its (H*W, 3) x (3, 2) bmm is ~10x slower on CPU.
     xs = (torch.arange(width, device=images.device, dtype=images.dtype) * 2 + 1) / width - 1
     ys = ((torch.arange(height, device=images.device, dtype=images.dtype) * 2 + 1) / height - 1).view(-1, 1)
@@ -166,7 +189,7 @@ def affine(images: torch.Tensor, matrices: torch.Tensor, fill: tuple[float, floa
     grid[..., 0] = theta[:, 0, 0] * xs + (theta[:, 0, 1] * ys + theta[:, 0, 2])
     grid[..., 1] = theta[:, 1, 0] * xs + (theta[:, 1, 1] * ys + theta[:, 1, 2])
     # Zero padding around (image - fill) is padding with `fill`, blended bilinearly at the edges.
-    fill_tensor = images.new_tensor(fill).view(1, 3, 1, 1)
+    fill_tensor = devices.constant(tuple(fill), images.device, images.dtype).view(1, 3, 1, 1)
     warped = F.grid_sample(images - fill_tensor, grid, mode="bilinear", padding_mode="zeros",
                            align_corners=False)
     return warped.add_(fill_tensor).clamp_(0.0, 1.0)
@@ -306,7 +329,10 @@ class RandAugment:
             applied = torch.rand(count, generator=generator) < self.probability
             level = self._magnitudes(count, generator) / MAGNITUDE_SCALE
             sign = torch.where(torch.rand(count, generator=generator) < 0.5, -1.0, 1.0).double()
-            warped_rows, matrices = [], []
+            # The round's plan (which rows take which op, with what parameter) is drawn on the host
+            # and crosses to the device in one packed float64 copy; sizes stay host-known, so no
+            # op reads anything back.
+            colour_ops, warped_rows, thetas = [], [], []
             for index, name in enumerate(self.ops):
                 rows = torch.nonzero(applied & (choice == index)).flatten()
                 if rows.numel() == 0 or name == "identity":
@@ -315,14 +341,23 @@ class RandAugment:
                 parameter = operation.parameter(level[rows], sign[rows])
                 if operation.matrix is not None:
                     warped_rows.append(rows)
-                    matrices.append(operation.matrix(parameter, height, width))
-                    continue
-                device_rows = rows.to(images.device)
-                images.index_copy_(0, device_rows, operation.apply(images[device_rows], parameter))
+                    thetas.append(normalised_theta(operation.matrix(parameter, height, width), height, width))
+                else:
+                    colour_ops.append((operation, rows, parameter.double()))
+            pieces = [rows.double() for _, rows, _ in colour_ops] + [parameter for _, _, parameter in colour_ops]
             if warped_rows:
-                device_rows = torch.cat(warped_rows).to(images.device)
-                warped = affine(images[device_rows], torch.cat(matrices), self.fill)
-                images.index_copy_(0, device_rows, warped)
+                pieces += [torch.cat(warped_rows).double(), torch.cat(thetas).reshape(-1)]
+            if not pieces:
+                continue
+            device_pieces = devices.to_device(torch.cat(pieces), images.device).split([len(p) for p in pieces])
+            ops = len(colour_ops)
+            for number, (operation, _, _) in enumerate(colour_ops):
+                device_rows = device_pieces[number].long()
+                images.index_copy_(0, device_rows, operation.apply(images[device_rows], device_pieces[ops + number]))
+            if warped_rows:
+                device_rows = device_pieces[2 * ops].long()
+                theta = device_pieces[2 * ops + 1].view(-1, 2, 3)
+                images.index_copy_(0, device_rows, warp(images[device_rows], theta, self.fill))
         return images
 
 

@@ -91,17 +91,30 @@ def _check_probabilities(probabilities: torch.Tensor, labels: torch.Tensor | Non
     if labels.is_floating_point():
         raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
     num_classes = probabilities.shape[1]
-    if labels.numel() and bool(((labels < schema.NO_LABEL) | (labels >= num_classes)).any()):
-        raise ValueError(f"labels must lie in [{schema.NO_LABEL}, {num_classes - 1}]")
+    outside = (labels < schema.NO_LABEL) | (labels >= num_classes)
+    message = f"labels must lie in [{schema.NO_LABEL}, {num_classes - 1}]"
+    if labels.device.type == "cpu":
+        if labels.numel() and bool(outside.any()):
+            raise ValueError(message)
+    else:
+        # Checked on the device: reading the answer back would make the host wait for the step.
+        torch._assert_async(~outside.any(), message)
 
 
-def _sum_by_class(probabilities: torch.Tensor, classes: torch.Tensor) -> ClassStatistics:
-    """Sum of p[i, classes[i]] per class and the count of rows per class."""
+def _sum_by_class(probabilities: torch.Tensor, classes: torch.Tensor, chosen: torch.Tensor | None = None
+                  ) -> ClassStatistics:
+    """Sum of p[i, classes[i]] per class and the count of rows per class, over the `chosen` rows
+    (all when None). Rows are masked by weight rather than dropped, and counted with index_add
+    rather than bincount: both of those read sizes back to the host."""
     num_classes = probabilities.shape[1]
+    if chosen is None:
+        chosen = torch.ones_like(classes, dtype=torch.bool)
+    classes = torch.where(chosen, classes, 0)  # a dropped row's class may be -1
     confidence = probabilities.gather(1, classes[:, None]).squeeze(1).to(torch.float64)
     sums = torch.zeros(num_classes, dtype=torch.float64, device=probabilities.device)
-    sums.index_add_(0, classes, confidence)
-    counts = torch.bincount(classes, minlength=num_classes)
+    sums.index_add_(0, classes, torch.where(chosen, confidence, 0.0))
+    counts = torch.zeros(num_classes, dtype=torch.int64, device=probabilities.device)
+    counts.index_add_(0, classes, chosen.to(torch.int64))
     return ClassStatistics(sums, counts)
 
 
@@ -116,7 +129,7 @@ def class_statistics_correct(probabilities: torch.Tensor, labels: torch.Tensor) 
     _check_probabilities(probabilities, labels)
     labels = labels.to(device=probabilities.device, dtype=torch.int64)
     chosen = (labels != schema.NO_LABEL) & (probabilities.argmax(dim=1) == labels)
-    return _sum_by_class(probabilities[chosen], labels[chosen])
+    return _sum_by_class(probabilities, labels, chosen)
 
 
 @torch.no_grad()
@@ -135,8 +148,7 @@ def class_statistics_by_label(probabilities: torch.Tensor, labels: torch.Tensor)
     """
     _check_probabilities(probabilities, labels)
     labels = labels.to(device=probabilities.device, dtype=torch.int64)
-    chosen = labels != schema.NO_LABEL
-    return _sum_by_class(probabilities[chosen], labels[chosen])
+    return _sum_by_class(probabilities, labels, labels != schema.NO_LABEL)
 
 
 PREDICTED_SAMPLES = ("all", "argmax")
@@ -224,8 +236,9 @@ def select_clean_samples(probabilities: torch.Tensor, labels: torch.Tensor, thre
 
 def acceptance_histogram(labels: torch.Tensor, mask: torch.Tensor,
                          num_classes: int = schema.NUM_CLASSES) -> torch.Tensor:
-    """Count of accepted pseudo labels per class, int64 (C,)."""
-    return torch.bincount(labels[mask].to(torch.int64), minlength=num_classes)
+    """Count of accepted pseudo labels per class, int64 (C,); no host read (see `_sum_by_class`)."""
+    counts = torch.zeros(num_classes, dtype=torch.int64, device=labels.device)
+    return counts.index_add_(0, labels.to(torch.int64), mask.to(torch.int64))
 
 
 # Thresholds and their registry.
@@ -270,14 +283,28 @@ class ClassThreshold(abc.ABC):
     epoch)`: one step of the threshold's rule from the summed statistics; `epoch` is used only by
     thresholds whose formula depends on it. `state_dict()` holds plain tensors and ints only, so
     `torch.load(..., weights_only=True)` reads it back; hyper-parameters come from the config.
+
+    A threshold lives on one device (`to(device)`, the CPU until then): its vectors are where the
+    training step compares confidences with them, so no step copies them over, and the
+    statistics of an update are moved there once.
     """
 
     name: ClassVar[str]
+    _vectors: ClassVar[tuple[str, ...]] = ()
+    """The attributes holding the threshold's stored (C,) tensors, moved by `to`."""
 
     def __init__(self, num_classes: int) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         self.num_classes = num_classes
+        self.device = torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> ClassThreshold:
+        """Keep the stored vectors on `device` from now on; returns self."""
+        self.device = torch.device(device)
+        for name in self._vectors:
+            setattr(self, name, getattr(self, name).to(self.device))
+        return self
 
     @property
     @abc.abstractmethod
@@ -300,7 +327,7 @@ class ClassThreshold(abc.ABC):
         if statistics.num_classes != self.num_classes:
             raise ValueError(
                 f"statistics cover {statistics.num_classes} classes, threshold has {self.num_classes}")
-        return statistics.to("cpu")
+        return statistics.to(self.device)
 
     def _check_state(self, state: dict[str, Any], keys: tuple[str, ...]) -> None:
         if set(state) != set(keys):
@@ -312,20 +339,23 @@ class ClassThreshold(abc.ABC):
         if vector.shape != (self.num_classes,):
             raise ValueError(
                 f"state {key!r} must have shape ({self.num_classes},), got {tuple(vector.shape)}")
-        return vector.clone()
+        return vector.to(self.device, copy=True)
 
 
 @register_threshold("fixed")
 class FixedThreshold(ClassThreshold):
     """One constant threshold for every class (FixMatch-style); `update` does nothing."""
 
+    _vectors = ("_values",)
+
     def __init__(self, *, num_classes: int = schema.NUM_CLASSES, value: float = 0.95) -> None:
         super().__init__(num_classes)
         self.value = _check_fraction("value", value)
+        self._values = torch.full((self.num_classes,), self.value, dtype=torch.float32)
 
     @property
     def thresholds(self) -> torch.Tensor:
-        return torch.full((self.num_classes,), self.value, dtype=torch.float32)
+        return self._values.clone()
 
     def collect_statistics(self, probabilities: torch.Tensor,
                            labels: torch.Tensor | None = None) -> ClassStatistics:
@@ -345,8 +375,10 @@ class FixedThreshold(ClassThreshold):
 class _StoredThreshold(ClassThreshold):
     """A threshold that is a stored per-class vector (float64) plus an update counter."""
 
+    _vectors = ("_values",)
+
     def _start(self, initial: float) -> None:
-        self._values = torch.full((self.num_classes,), initial, dtype=torch.float64)
+        self._values = torch.full((self.num_classes,), initial, dtype=torch.float64, device=self.device)
         self.updates = 0
 
     @property
@@ -415,6 +447,8 @@ class DynamicAdaptiveThreshold(ClassThreshold):
     `initial_mean` = 1.0, the largest a mean can be, so an unmeasured class gets the strictest
     threshold the epoch allows (β/(1 + γ^(-epoch))).
     """
+
+    _vectors = ("_means",)
 
     def __init__(self, *, num_classes: int = schema.NUM_CLASSES, scale: float = 0.95, base: float = math.e,
                  initial_mean: float = 1.0, samples: str = "labeled", minimum: float = 0.0) -> None:

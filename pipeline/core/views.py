@@ -17,6 +17,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.io import ImageReadMode, decode_image
 
 from pipeline.config import check
+from pipeline.core import devices
 from pipeline.core.randaugment import DEFAULT_OPS, LUMA, OPERATIONS, RandAugment, timm_strong_transform
 from pipeline.data import images as image_checks
 
@@ -161,8 +162,8 @@ def normalise(images: torch.Tensor, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEF
               channels_last: bool = True, in_place: bool = False) -> torch.Tensor:
     """(images - mean) / std from [0, 1] floats, in channels_last (or contiguous) memory; in place
     when allowed and the layout already fits, else written straight into the new layout."""
-    scale = images.new_tensor([1.0 / value for value in std]).view(1, 3, 1, 1)
-    shift = images.new_tensor([m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1)
+    scale = devices.constant(tuple(1.0 / value for value in std), images.device, images.dtype).view(1, 3, 1, 1)
+    shift = devices.constant(tuple(m / s for m, s in zip(mean, std)), images.device, images.dtype).view(1, 3, 1, 1)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     if in_place and images.is_contiguous(memory_format=layout):
         return images.mul_(scale).sub_(shift)
@@ -243,10 +244,12 @@ class ColourJitter:
         colour, brightness, contrast = self.matrices(count, generator)
         # contrast blends the brightened image towards its mean grey (b * m); saturation and hue fix
         # grey, so the whole jitter is c * b * colour @ x + (1 - c) * b * m. All on the device: no sync.
-        as_device = dict(device=images.device, dtype=images.dtype)
-        brightness, contrast = brightness.to(**as_device), contrast.to(**as_device)
-        grey_mean = images.mean((2, 3)) @ images.new_tensor(LUMA)
-        matrix = (contrast * brightness).view(-1, 1, 1) * colour.to(**as_device)
+        # The host-drawn parameters cross in one copy, queued without waiting (core.devices).
+        packed = torch.cat([brightness[:, None], contrast[:, None], colour.reshape(count, 9)], dim=1)
+        packed = devices.to_device(packed.to(images.dtype), images.device)
+        brightness, contrast, colour = packed[:, 0], packed[:, 1], packed[:, 2:].view(count, 3, 3)
+        grey_mean = images.mean((2, 3)) @ devices.constant(LUMA, images.device, images.dtype)
+        matrix = (contrast * brightness).view(-1, 1, 1) * colour
         offset = ((1 - contrast) * brightness * grey_mean).view(-1, 1, 1)
         if images.is_contiguous(memory_format=torch.channels_last):
             # (N, H*W, 3) rows times the transposed matrix keep channels_last without a relayout.
@@ -290,11 +293,12 @@ def random_erasing(images: torch.Tensor, probability: float, generator: torch.Ge
     device = images.device
     y = torch.arange(height, device=device).view(1, 1, -1, 1)
     x = torch.arange(width, device=device).view(1, 1, 1, -1)
-    top, left = top.to(device).view(-1, 1, 1, 1), left.to(device).view(-1, 1, 1, 1)
-    inside = ((y >= top) & (y < top + erase_height.to(device).view(-1, 1, 1, 1))
-              & (x >= left) & (x < left + erase_width.to(device).view(-1, 1, 1, 1)))
+    # The rectangles (drawn on the host) cross in one copy, queued without waiting (core.devices).
+    packed = devices.to_device(torch.stack([rows, top, left, erase_height, erase_width]), device)
+    device_rows = packed[0]
+    top, left, erase_height, erase_width = (column.view(-1, 1, 1, 1) for column in packed[1:])
+    inside = (y >= top) & (y < top + erase_height) & (x >= left) & (x < left + erase_width)
     noise = _normal_noise((rows.numel(), channels, height, width), device, generator).to(images.dtype)
-    device_rows = rows.to(device)
     erased = torch.where(inside, noise, images[device_rows])
     out = images if in_place else images.clone()
     out[device_rows] = erased

@@ -68,7 +68,7 @@ class DynamicThresholdSSL(Method):
         self.scheduler = build_scheduler(self.optimizer, context.optimizer, context.total_steps)
         self.threshold = DynamicThresholdModule(num_classes=context.num_classes,
                                                 momentum=options.threshold_momentum,
-                                                initial=options.initial_threshold)
+                                                initial=options.initial_threshold).to(context.device)
 
     def train_step(self, batch: TrainBatch, step: int) -> StepResult:
         self.model.train()
@@ -102,10 +102,10 @@ class DynamicThresholdSSL(Method):
             else:
                 unlabeled_loss = cross_entropy(strong_logits, pseudo.labels, pseudo.mask)
             accepted = acceptance_histogram(pseudo.labels, pseudo.mask, self.num_classes)
-            mask_rate = pseudo.mask.float().mean().item()
+            mask_rate = pseudo.mask.float().mean()
             pseudo_labels, accepted_mask = pseudo.labels, pseudo.mask
         else:
-            unlabeled_count, unlabeled_loss, mask_rate = 0, logits.new_zeros(()), 0.0
+            unlabeled_count, unlabeled_loss, mask_rate = 0, logits.new_zeros(()), logits.new_zeros(())
             accepted = torch.zeros(self.num_classes, dtype=torch.int64, device=logits.device)
             pseudo_labels = accepted_mask = None
 
@@ -117,8 +117,8 @@ class DynamicThresholdSSL(Method):
         self.scheduler.step()
         self.ema.update(self.model)
         return StepResult(
-            {"loss": loss.item(), "labeled_loss": labeled_loss.item(),
-             "unlabeled_loss": unlabeled_loss.item(), "mask_rate": mask_rate},
+            {"loss": loss.detach(), "labeled_loss": labeled_loss.detach(),
+             "unlabeled_loss": unlabeled_loss.detach(), "mask_rate": mask_rate},
             accepted=accepted, candidates=unlabeled_count, pseudo_labels=pseudo_labels,
             accepted_mask=accepted_mask)
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.core.thresholds import acceptance_histogram
 from pipeline.methods.base import (
     Method, MethodContext, StepResult, TrainBatch, Views, build_optimizer, build_scheduler, cross_entropy,
     register_method,
@@ -92,10 +93,12 @@ class DebiasedFeedback(Method):
         self.student_optimizer = build_optimizer(self.student.parameters(), optimizer, options.student_lr)
         self.teacher_scheduler = build_scheduler(self.teacher_optimizer, optimizer, total_steps)
         self.student_scheduler = build_scheduler(self.student_optimizer, optimizer, total_steps)
-        self.feedback_baseline = 0.0
-        # The last step's global sign·(L_before - L_after), and the f the teacher used (raw - baseline).
-        self.feedback_raw = 0.0
-        self.feedback_coefficient = 0.0
+        # Device scalars, so a step never reads one back: the running baseline, the last step's
+        # global sign·(L_before - L_after), and the f the teacher used (raw - baseline).
+        zero = torch.zeros((), dtype=torch.float32, device=context.device)
+        self.feedback_baseline = zero
+        self.feedback_raw = zero
+        self.feedback_coefficient = zero
         self.steps = 0
 
     def train_step(self, batch: TrainBatch, step: int) -> StepResult:
@@ -148,7 +151,7 @@ class DebiasedFeedback(Method):
                               dtype=torch.float32, device=teacher_plain.device)
         # The baseline is the average of earlier steps only, so it does not cancel this step's signal.
         coefficient = raw - self.feedback_baseline if options.feedback_baseline_decay > 0 else raw
-        self.feedback_raw, self.feedback_coefficient = float(raw), float(coefficient)
+        self.feedback_raw, self.feedback_coefficient = raw.detach(), coefficient.detach()
         if options.feedback_baseline_decay > 0:
             decay = options.feedback_baseline_decay
             self.feedback_baseline = decay * self.feedback_baseline + (1.0 - decay) * self.feedback_raw
@@ -168,15 +171,22 @@ class DebiasedFeedback(Method):
         self.teacher_optimizer.step()
         self.teacher_scheduler.step()
         self.steps += 1
+        every = torch.ones_like(pseudo_labels, dtype=torch.bool)  # no threshold: all pseudo labels teach
         return StepResult({
-            "loss": teacher_loss.item(), "teacher_supervised": supervised_loss.item(),
-            "teacher_consistency": consistency_loss.item(), "teacher_feedback": feedback_loss.item(),
-            "student_unlabeled": student_loss.item(), "student_labeled_before": labeled_before.item(),
-            "student_labeled_after": labeled_after.item(),
+            "loss": teacher_loss.detach(), "teacher_supervised": supervised_loss.detach(),
+            "teacher_consistency": consistency_loss.detach(), "teacher_feedback": feedback_loss.detach(),
+            "student_unlabeled": student_loss.detach(), "student_labeled_before": labeled_before.detach(),
+            "student_labeled_after": labeled_after.detach(),
             "feedback_coefficient": self.feedback_coefficient, "feedback_raw": self.feedback_raw,
-        }, accepted=torch.bincount(pseudo_labels, minlength=self.num_classes), candidates=unlabeled_count,
-            # No threshold: the student learns from every teacher pseudo label.
-            pseudo_labels=pseudo_labels, accepted_mask=torch.ones_like(pseudo_labels, dtype=torch.bool))
+        }, accepted=acceptance_histogram(pseudo_labels, every, self.num_classes), candidates=unlabeled_count,
+            pseudo_labels=pseudo_labels, accepted_mask=every)
+
+    def forward_images(self, batch: TrainBatch) -> int:
+        # The teacher sees [x_FER, x_FR, Aug(x_FR)], the student [x_FER, x_FR view] twice (the
+        # "joint" L_after reruns that batch) or once plus x_FER alone.
+        labeled, unlabeled = len(batch.labels), len(batch.unlabeled_weak)
+        rerun = labeled + unlabeled if self.options.feedback_measurement == "joint" else labeled
+        return (labeled + 2 * unlabeled) + (labeled + unlabeled) + rerun
 
     def evaluation_model(self) -> nn.Module:
         return self.student if self.options.evaluate == "student" else self.teacher
@@ -187,7 +197,7 @@ class DebiasedFeedback(Method):
                 "student_optimizer": self.student_optimizer.state_dict(),
                 "teacher_scheduler": self.teacher_scheduler.state_dict(),
                 "student_scheduler": self.student_scheduler.state_dict(),
-                "feedback_baseline": self.feedback_baseline, "steps": self.steps}
+                "feedback_baseline": self.feedback_baseline.clone(), "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.teacher.load_state_dict(state["teacher"])
@@ -196,5 +206,6 @@ class DebiasedFeedback(Method):
         self.student_optimizer.load_state_dict(state["student_optimizer"])
         self.teacher_scheduler.load_state_dict(state["teacher_scheduler"])
         self.student_scheduler.load_state_dict(state["student_scheduler"])
-        self.feedback_baseline = float(state["feedback_baseline"])
+        # Checkpoints written before the baseline became a tensor hold a float.
+        self.feedback_baseline = torch.as_tensor(state["feedback_baseline"], dtype=torch.float32).to(self.device)
         self.steps = int(state["steps"])

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.core.devices import to_device
 from pipeline.core.thresholds import (ADAPTIVE_SAMPLES, ClassStatistics, DynamicAdaptiveThreshold,
                                       PseudoLabels, acceptance_histogram, select_pseudo_labels)
 from pipeline.methods.base import (Method, MethodContext, StepResult, TrainBatch, Views, build_optimizer,
@@ -68,7 +69,7 @@ def random_complementary_labels(labels: torch.Tensor, num_classes: int, generato
                                 ) -> torch.Tensor:
     """A class other than each label, uniform over the C - 1 others (drawn on the generator's device)."""
     offsets = torch.randint(1, num_classes, tuple(labels.shape), generator=generator)
-    return (labels + offsets.to(labels.device)) % num_classes
+    return (labels + to_device(offsets, labels.device)) % num_classes
 
 
 def top_k_mask(probabilities: torch.Tensor, k: int) -> torch.Tensor:
@@ -116,7 +117,7 @@ class MutexMatch(Method):
             raise ValueError(f"method_options.top_k must lie in [1, {self.num_classes}], got {self.top_k}")
         self.threshold = DynamicAdaptiveThreshold(
             num_classes=self.num_classes, scale=options.threshold_scale, base=options.threshold_base,
-            samples=options.threshold_samples)
+            samples=options.threshold_samples).to(context.device)
         self.epoch = 0
         # Complementary labels for labeled data come from a generator of our own, so a resumed run
         # draws the same labels as an uninterrupted one.
@@ -192,12 +193,12 @@ class MutexMatch(Method):
         losses["loss"].backward()
         self.optimizer.step()
         self.scheduler.step()
-        logged = {name: value.item() for name, value in losses.items()}
+        logged = {name: value.detach() for name, value in losses.items()}
         if confident is None:
-            logged["mask_rate"] = 0.0
+            logged["mask_rate"] = torch.zeros((), device=losses["loss"].device)
             return StepResult(logged, accepted=torch.zeros(self.num_classes, dtype=torch.int64,
                                                            device=losses["loss"].device))
-        logged["mask_rate"] = confident.float().mean().item()
+        logged["mask_rate"] = confident.float().mean()
         return StepResult(logged, accepted=acceptance_histogram(pseudo_labels, confident, self.num_classes),
                           candidates=len(confident), pseudo_labels=pseudo_labels, accepted_mask=confident)
 

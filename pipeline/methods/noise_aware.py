@@ -89,15 +89,24 @@ def weighted_cross_entropy(logits: torch.Tensor, importance: torch.Tensor, label
     return cross_entropy(importance[:, None] * logits, labels, mask)
 
 
-def rank_regularization(importance: torch.Tensor, high_ratio: float, margin: float) -> torch.Tensor:
-    """SCN's L_RR = max(0, δ1 - (mean α_H - mean α_L)), the high group being the ⌊β·N⌋ largest
-    weights (at least one, and at least one sample left for the low group); 0 below two samples."""
-    count = importance.numel()
-    if count < 2:
-        return importance.sum() * 0.0
-    high_count = min(count - 1, max(1, int(high_ratio * count)))
-    ordered = importance.sort(descending=True).values
-    return torch.relu(margin - (ordered[:high_count].mean() - ordered[high_count:].mean()))
+def rank_regularization(importance: torch.Tensor, high_ratio: float, margin: float,
+                        chosen: torch.Tensor | None = None) -> torch.Tensor:
+    """SCN's L_RR = max(0, δ1 - (mean α_H - mean α_L)) over the `chosen` samples, the high group
+    being the ⌊β·N⌋ largest weights (at least one, and at least one sample left for the low group);
+    0 below two samples. N lives on the device: the groups are masks over the sorted weights, not
+    slices, so the step never reads N back. `chosen` None: every sample."""
+    if chosen is None:
+        chosen = torch.ones_like(importance, dtype=torch.bool)
+    count = chosen.sum()
+    high_count = torch.minimum(count - 1, (high_ratio * count.double()).floor().long().clamp(min=1))
+    # Unchosen samples sort last (below every sigmoid weight) and fall in neither group.
+    ordered = torch.where(chosen, importance, -1.0).sort(descending=True).values
+    position = torch.arange(importance.numel(), device=importance.device)
+    high, low = position < high_count, (position >= high_count) & (position < count)
+    # Both denominators at least 1, so a skipped case (N < 2) has no 0/0 to leak NaN gradients.
+    high_mean = torch.where(high, ordered, 0.0).sum() / high_count.clamp(min=1)
+    low_mean = torch.where(low, ordered, 0.0).sum() / (count - high_count).clamp(min=1)
+    return torch.where(count >= 2, torch.relu(margin - (high_mean - low_mean)), 0.0)
 
 
 @register_method
@@ -118,7 +127,8 @@ class NoiseAware(Method):
                              f"{context.model.backbone!r}")
         # SCN's self-attention importance branch: "a FC layer and the sigmoid activation function".
         self.attention = nn.Sequential(nn.Linear(classifier.in_features, 1), nn.Sigmoid()).to(context.device)
-        self.threshold = ClassMeanThreshold(num_classes=self.num_classes, samples=options.threshold_samples)
+        self.threshold = ClassMeanThreshold(num_classes=self.num_classes,
+                                            samples=options.threshold_samples).to(context.device)
         parameters = list(self.model.parameters()) + list(self.attention.parameters())
         self.optimizer = build_optimizer(parameters, context.optimizer)
         self.scheduler = build_scheduler(self.optimizer, context.optimizer, context.total_steps)
@@ -156,7 +166,7 @@ class NoiseAware(Method):
         if self.options.rank_regularization:
             # Over the samples the weighted CE sees, as in SCN where both terms cover the batch.
             losses["rank_loss"] = rank_regularization(
-                importance[clean], self.options.high_importance_ratio, self.options.rank_margin)
+                importance, self.options.high_importance_ratio, self.options.rank_margin, chosen=clean)
         else:
             losses["rank_loss"] = torch.zeros((), device=logits.device)
         losses["loss"] = (losses["labeled_loss"] + self.options.rank_weight * losses["rank_loss"]
@@ -172,8 +182,8 @@ class NoiseAware(Method):
         losses["loss"].backward()
         self.optimizer.step()
         self.scheduler.step()
-        logged = {name: value.item() for name, value in losses.items()}
-        logged["clean_rate"] = clean.float().mean().item()
+        logged = {name: value.detach() for name, value in losses.items()}
+        logged["clean_rate"] = clean.float().mean()
         return StepResult(logged)
 
     def evaluation_model(self) -> nn.Module:

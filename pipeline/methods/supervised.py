@@ -53,7 +53,7 @@ class Supervised(Method):
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
-        return StepResult({"loss": loss.item(), "labeled_loss": loss.item()})
+        return StepResult({"loss": loss.detach(), "labeled_loss": loss.detach()})
 
     def evaluation_model(self) -> nn.Module:
         return self.model

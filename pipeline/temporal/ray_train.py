@@ -18,7 +18,7 @@ from ray.train.torch import TorchTrainer
 from pipeline.config import ConfigError
 from pipeline.data import schema, storage
 from pipeline.temporal import training as temporal_training
-from pipeline.training.ray_train import TorchCollectives
+from pipeline.training.distributed import TorchCollectives
 
 
 def extract_and_fit(config: Any) -> dict[str, Any]:

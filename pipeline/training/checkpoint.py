@@ -21,19 +21,28 @@ def checkpoint_name(epoch: int) -> str:
     return f"epoch-{epoch:04d}.pt"
 
 
-def rng_state(numpy_generator: np.random.Generator) -> dict[str, Any]:
-    """Torch and numpy generator states in weights_only-loadable form."""
+def rng_state(numpy_generator: np.random.Generator, device: torch.device | None = None) -> dict[str, Any]:
+    """Torch and numpy generator states in weights_only-loadable form, plus the CUDA generator's of
+    `device` when it is a CUDA device (dropout and any draw made on the GPU come from it)."""
     state = numpy_generator.bit_generator.state
-    return {
+    saved = {
         "torch": torch.get_rng_state(),
         "numpy": {"bit_generator": state["bit_generator"],
                   "state": str(state["state"]["state"]), "inc": str(state["state"]["inc"]),
                   "has_uint32": int(state["has_uint32"]), "uinteger": int(state["uinteger"])},
     }
+    if device is not None and device.type == "cuda":
+        saved["cuda"] = torch.cuda.get_rng_state(device)
+    return saved
 
 
-def restore_rng_state(state: dict[str, Any], numpy_generator: np.random.Generator) -> None:
+def restore_rng_state(state: dict[str, Any], numpy_generator: np.random.Generator,
+                      device: torch.device | None = None) -> None:
+    """Undo `rng_state`. A CUDA state is restored only onto a CUDA device (a run resumed on another
+    kind of device goes on, but its GPU-side draws differ from the original's)."""
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
     saved = state["numpy"]
     numpy_generator.bit_generator.state = {
         "bit_generator": saved["bit_generator"],

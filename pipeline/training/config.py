@@ -86,6 +86,9 @@ class EvaluationConfig:
         typed.check(all(window >= 1 for window in self.windows), "evaluation.windows", "all >= 1")
 
 
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
+
+
 @dataclass
 class RunConfig:
     name: str = "run"
@@ -104,12 +107,29 @@ class RunConfig:
     threads: int | None = None
     """torch intra-op threads for this process (None: torch's default). On small shared CPU
     machines 1 thread per process, with processes side by side, is the fastest arrangement."""
+    tf32: bool = True
+    """On CUDA, fp32 matmuls and convolutions in TF32 (about 10 significant bits, 8x the fp32 rate on
+    tensor cores); bf16 recipes are unaffected. false keeps full fp32."""
+    cudnn_benchmark: bool = True
+    """On CUDA, let cuDNN time its algorithms for each new shape and keep the fastest (a faster step,
+    not bit-for-bit repeatable across restarts; see the README's resume notes)."""
+    compile: str = "off"
+    """off, or a torch.compile backend (inductor, the default one; aot_eager, eager to debug): the
+    networks the optimizers train are compiled in place after the method is built (so after the
+    EMA copy), which keeps their state dicts and checkpoints unchanged."""
+    log_every_steps: int = 100
+    """Every this many steps, rank 0 prints a progress line (losses so far, images/s, the epoch's
+    ETA) and a non-finite loss stops the run; the only times a step's values are read back to the
+    host before the epoch ends. 0: at the end of each epoch only."""
 
     def __post_init__(self) -> None:
         typed.check(self.epochs >= 1, "run.epochs", "must be at least 1")
+        typed.check(self.log_every_steps >= 0, "run.log_every_steps", "must be >= 0")
         typed.check(self.steps_per_epoch >= 1, "run.steps_per_epoch", "must be at least 1")
         typed.check(self.device in ("auto", "cpu", "cuda"), "run.device", "auto, cpu or cuda")
         typed.check(self.precision in ("fp32", "bf16"), "run.precision", "fp32 or bf16")
+        typed.check(self.compile == "off" or self.compile in COMPILE_BACKENDS, "run.compile",
+                    f"off or one of {', '.join(COMPILE_BACKENDS)}")
 
 
 @dataclass
@@ -119,6 +139,15 @@ class ScalingConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 3
+    gradient_bucket_megabytes: float = 25.0
+    """With several workers, gradients are averaged in buckets of about this size, each sent as
+    soon as backward has filled it (overlapping the transfer with the rest of backward); 0 sends
+    them all in one collective after backward, the plain form."""
+
+    def __post_init__(self) -> None:
+        if self.gradient_bucket_megabytes < 0:
+            raise typed.ConfigError(f"scaling.gradient_bucket_megabytes must be >= 0, got "
+                              f"{self.gradient_bucket_megabytes}")
 
 
 @dataclass

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from pipeline.core import views
+from pipeline.core import devices, views
 from pipeline.data import schema, split
 from pipeline.methods.base import TrainBatch, Views
 from pipeline.training.config import DataConfig
@@ -44,6 +44,9 @@ class CpuBatch:
     labels: np.ndarray
     unlabeled: PreparedUnlabeled | None
     undecodable: int
+    host: dict[str, torch.Tensor]
+    """The arrays as host tensors for the copy to the device (pinned for a GPU), made by the
+    prefetch thread: labeled, labels, and with unlabeled rows unlabeled, hidden_labels, sources."""
 
 
 @dataclass
@@ -198,7 +201,12 @@ class InputPipeline:
         if self.unlabeled_per_step:
             unlabeled = self.unlabeled.take_prepared(self.unlabeled_per_step, self.weak_view, self.rng)
             undecodable += unlabeled.undecodable
-        return CpuBatch(labeled, labels, unlabeled, undecodable)
+        host = {"labeled": labeled, "labels": labels}
+        if unlabeled is not None and len(unlabeled.pixels):
+            host.update(unlabeled=unlabeled.pixels, hidden_labels=unlabeled.hidden_labels,
+                        sources=unlabeled.sources)
+        host = {name: devices.host_tensor(array, self.device) for name, array in host.items()}
+        return CpuBatch(labeled, labels, unlabeled, undecodable, host)
 
     def prefetch(self, indices: np.ndarray) -> None:
         self._pending = self._pool.submit(self._prepare, indices)
@@ -217,21 +225,23 @@ class InputPipeline:
             self.prefetch(following)
         hidden = None
         if cpu.unlabeled is not None and len(cpu.unlabeled.pixels):
-            hidden = HiddenLabels(torch.from_numpy(cpu.unlabeled.hidden_labels).to(self.device, non_blocking=True),
-                                  torch.from_numpy(cpu.unlabeled.sources).to(self.device, non_blocking=True))
+            hidden = HiddenLabels(self._send(cpu, "hidden_labels"), self._send(cpu, "sources"))
         return self.to_device(cpu), cpu.undecodable, hidden
 
+    def _send(self, cpu: CpuBatch, name: str) -> torch.Tensor:
+        """One of the batch's host arrays on the device, queued without waiting (see core.devices)."""
+        return devices.to_device(cpu.host[name], self.device)
+
     def to_device(self, cpu: CpuBatch) -> TrainBatch:
-        labeled = torch.from_numpy(cpu.labeled).to(self.device, non_blocking=True)
-        generator = self.generator if self.device.type == "cpu" else None
-        batch = TrainBatch(
-            labeled_weak=self.weak_view(labeled, generator),
-            labels=torch.from_numpy(cpu.labels).to(self.device),
-        )
+        labeled = self._send(cpu, "labeled")
+        # The views draw from this CPU generator on every device (their parameters cross in one
+        # small copy per view), so a run repeats and resumes exactly wherever it trains.
+        generator = self.generator
+        batch = TrainBatch(labeled_weak=self.weak_view(labeled, generator), labels=self._send(cpu, "labels"))
         if self.needs.labeled_strong:
             batch.labeled_strong = self.strong_view(labeled, generator)
         if cpu.unlabeled is not None and len(cpu.unlabeled.pixels):
-            unlabeled = torch.from_numpy(cpu.unlabeled.pixels).to(self.device, non_blocking=True)
+            unlabeled = self._send(cpu, "unlabeled")
             batch.unlabeled_weak = self.weak_view(unlabeled, generator)
             if self.needs.unlabeled_strong:
                 batch.unlabeled_strong = self.strong_view(unlabeled, generator)

@@ -28,7 +28,8 @@ from pipeline.methods.base import Collectives, Method, MethodContext, StepResult
 from pipeline.training import checkpoint
 from pipeline.training.config import TrainConfig, to_mapping
 from pipeline.training.data import ImageTable, UnlabeledStream, read_labeled, read_validation
-from pipeline.training.evaluate import REPORT, SELECTION, predict_table, validation_report
+from pipeline.training.gradients import OverlappedGradientAverage, average_gradients, reduce_in_place
+from pipeline.training.evaluate import REPORT, SELECTION, predict_table, prepared_batches, validation_report
 from pipeline.training.inputs import DecodedStream, InputPipeline, UnlabeledSource
 from pipeline.training.tensorboard import TensorBoardLog
 
@@ -57,21 +58,6 @@ def sync_threshold_statistics(statistics: ClassStatistics, collectives: Collecti
     return ClassStatistics.from_tensor(summed)
 
 
-def average_gradients(parameters: list[torch.Tensor], collectives: Collectives) -> None:
-    """Replace each gradient by its mean over the workers (data-parallel SGD, as DDP averages).
-
-    A gradient missing on some workers counts as zero there; one missing on every worker stays
-    None, so the optimizer skips that parameter as it would in one process.
-    """
-    present = torch.tensor([parameter.grad is not None for parameter in parameters], dtype=torch.float64)
-    present = collectives.all_reduce_sum(present) > 0
-    reduced = [parameter for parameter, flag in zip(parameters, present.tolist()) if flag]
-    for parameter in reduced:
-        if parameter.grad is None:
-            parameter.grad = torch.zeros_like(parameter)
-    _reduce_in_place([parameter.grad for parameter in reduced], collectives.all_reduce_mean)
-
-
 def parameter_fingerprint(method: Method) -> list[float]:
     """Three float64 sums over every parameter the method's optimizers update (plain, squared, and
     weighted by position). Data-parallel replicas that averaged every gradient hold identical
@@ -98,28 +84,9 @@ def synchronize_replicas(method: Method, collectives: Collectives, rank: int) ->
     if float(collectives.all_reduce_mean(count)) != float(count):
         raise RuntimeError("workers hold method states of different sizes; cannot synchronise them")
     values = [tensor.detach().clone() if rank == 0 else torch.zeros_like(tensor) for tensor in tensors]
-    _reduce_in_place(values, collectives.all_reduce_sum)
+    reduce_in_place(values, collectives.all_reduce_sum)
     replacements = iter(values)
     method.load_state_dict(_map_tensors(state, lambda tensor: next(replacements)))
-
-
-def _reduce_in_place(tensors: list[torch.Tensor], reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """One collective per (dtype, device) group over the tensors flattened, written back in place."""
-    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-    for tensor in tensors:
-        if tensor.dtype == torch.float64:
-            carrier = torch.float64
-        elif tensor.is_floating_point():
-            carrier = torch.float32  # float16/bfloat16 -> float32 and back is exact
-        else:
-            carrier = torch.int64  # counters, bools
-        groups.setdefault((carrier, tensor.device), []).append(tensor)
-    for (carrier, _), group in groups.items():
-        flat = reduce(torch.cat([tensor.reshape(-1).to(carrier) for tensor in group]))
-        offset = 0
-        for tensor in group:
-            tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
-            offset += tensor.numel()
 
 
 def _map_tensors(value: Any, function: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -154,21 +121,53 @@ class StepObserver:
 class EpochTotals:
     steps: int = 0
     images: int = 0
+    """Distinct images the steps trained on (a DTM step: B labeled + U unlabeled)."""
+    forward_images: int = 0
+    """Images through the networks' forward passes (a DTM step: B + 2U; `Method.forward_images`)."""
     undecodable: int = 0
     seconds: float = 0.0
     input_seconds: float = 0.0
     """Time the loop waited for its next batch (input not ready): where a slow input path shows."""
 
     def __post_init__(self) -> None:
-        self.losses: dict[str, float] = {}
+        # Sums of the steps' values, float64 on the training device: adding a step's values never
+        # waits for the step; `read_values` brings them to the host.
+        self.sums: dict[str, torch.Tensor | float] = {}
+        self.first_non_finite: torch.Tensor | None = None
+        """The first step (global number) with a non-finite value, -1 while none; on the device."""
         # Every pseudo label of the epoch against the label the split hid (`core.pseudo_label_quality`),
         # counted on the training device so no step waits for the host; the acceptance rate and the
         # accepted-per-class histogram are sums of this table.
         self.pseudo_label_counts = empty_counts()
 
-    def add_losses(self, losses: dict[str, float]) -> None:
-        for name, value in losses.items():
-            self.losses[name] = self.losses.get(name, 0.0) + float(value)
+    def add_values(self, values: dict[str, torch.Tensor], step: int) -> None:
+        """Add one step's `StepResult.values`, and remember `step` if one of them is not finite."""
+        finite = None
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().to(torch.float64)
+                finite = torch.isfinite(value) if finite is None else finite & torch.isfinite(value)
+            elif not math.isfinite(value):
+                raise FloatingPointError(f"non-finite {name} at step {step}: {value}")
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        if finite is not None:
+            if self.first_non_finite is None:
+                self.first_non_finite = torch.full((), -1, dtype=torch.int64, device=finite.device)
+            self.first_non_finite = torch.where(~finite & (self.first_non_finite < 0), step,
+                                                self.first_non_finite)
+
+    def read_values(self) -> dict[str, float]:
+        """The sums so far, read to the host in one copy (the loop's one synchronisation per log
+        interval); raises FloatingPointError naming the first step whose values were not finite."""
+        tensors = [name for name, value in self.sums.items() if isinstance(value, torch.Tensor)]
+        read = {name: float(value) for name, value in self.sums.items() if name not in tensors}
+        if tensors:
+            stacked = torch.stack([self.sums[name] for name in tensors]
+                                  + [self.first_non_finite.to(torch.float64)]).cpu().tolist()
+            read.update(zip(tensors, stacked))
+            if stacked[-1] >= 0:
+                raise FloatingPointError(f"non-finite loss at step {int(stacked[-1])}: sums so far {read}")
+        return read
 
 
 class Trainer:
@@ -178,12 +177,13 @@ class Trainer:
                  world_size: int = 1, report: Reporter | None = None,
                  run_folder: str | None = None, save_checkpoints: bool = True,
                  unlabeled: UnlabeledSource | None = None,
-                 step_observer: StepObserver | None = None) -> None:
+                 step_observer: StepObserver | None = None, device: torch.device | None = None) -> None:
         """`save_checkpoints=False` leaves checkpoints to the caller (Ray Train saves them from the
         `report` callback and restores them with `load_state`); metrics still go to `run_folder`.
         `unlabeled` replaces the in-process stream over the pool (Ray Train passes its Ray Data
         stream); it is used only by methods that take unlabeled images. `step_observer` sees every
-        step's batch (see StepObserver)."""
+        step's batch (see StepObserver). `device` overrides `run.device` (the sync-free test
+        trains on `meta`, a device without data)."""
         self.config = config
         self.collectives = collectives or Collectives()
         self.rank = rank
@@ -192,9 +192,10 @@ class Trainer:
         self.run_folder = run_folder or storage.join(config.run.storage, config.run.name)
         self.save_checkpoints = save_checkpoints
         self.step_observer = step_observer
-        self.device = resolve_device(config.run.device)
+        self.device = device or resolve_device(config.run.device)
         if config.run.threads:
             torch.set_num_threads(config.run.threads)
+        configure_backends(self.device, config.run)
         seed = config.run.seed
         torch.manual_seed(seed * 1000 + rank)
         self.numpy_generator = np.random.default_rng([seed, rank])
@@ -214,6 +215,11 @@ class Trainer:
                                 total_steps=config.total_steps, device=self.device,
                                 precision=config.run.precision, collectives=self.collectives)
         self.method: Method = method_class(config.options(), context)
+        if config.run.compile != "off":
+            # In place (nn.Module.compile): the state dict keeps its keys, so checkpoints do not
+            # change; after the method's constructor, so the EMA copies stay plain modules.
+            for network in trained_networks(self.method):
+                network.compile(backend=config.run.compile)
         needs = method_class.views
         self.unlabeled: UnlabeledSource | None = None
         if needs.unlabeled and config.data.use_unlabeled and config.data.unlabeled_ratio > 0:
@@ -228,12 +234,18 @@ class Trainer:
         self.epoch = 0
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
+        self.gradient_averages: list[OverlappedGradientAverage] = []
         if world_size > 1:
             optimizers = _optimizers(self.method)
             if not optimizers:
                 raise RuntimeError(f"{config.method}: no optimizer attribute to average gradients for")
+            bucket_megabytes = config.scaling.gradient_bucket_megabytes
             for optimizer in optimizers:
-                optimizer.register_step_pre_hook(self._average_gradients)
+                if bucket_megabytes > 0:
+                    self.gradient_averages.append(
+                        OverlappedGradientAverage(optimizer, self.collectives, bucket_megabytes))
+                else:
+                    optimizer.register_step_pre_hook(self._average_gradients)
 
     def _average_gradients(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         average_gradients([parameter for group in optimizer.param_groups for parameter in group["params"]],
@@ -248,7 +260,7 @@ class Trainer:
             "unlabeled": self.unlabeled.state_dict() if self.unlabeled else {},
             "epoch": self.epoch,
             "global_step": self.global_step,
-            "rng": checkpoint.rng_state(self.numpy_generator),
+            "rng": checkpoint.rng_state(self.numpy_generator, self.device),
             "input_rng": checkpoint.rng_state(self.inputs.rng),
             "view_generator": self.inputs.generator.get_state(),
             "history": json.dumps(self.history),
@@ -270,7 +282,7 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         if "rng" in state:
-            checkpoint.restore_rng_state(state["rng"], self.numpy_generator)
+            checkpoint.restore_rng_state(state["rng"], self.numpy_generator, self.device)
         if "input_rng" in state:
             checkpoint.restore_rng_state(state["input_rng"], self.inputs.rng)
         if "view_generator" in state:
@@ -301,29 +313,40 @@ class Trainer:
         batches = batches[:self.config.run.steps_per_epoch]
         started = time.perf_counter()
         self.inputs.prefetch(batches[0])
+        every = self.config.run.log_every_steps
         for number, batch_indices in enumerate(batches):
             following = batches[number + 1] if number + 1 < len(batches) else None
-            waited = time.perf_counter()
-            batch, undecodable, hidden = self.inputs.next(batch_indices, following)
-            totals.input_seconds += time.perf_counter() - waited
-            if self.step_observer:
-                self.step_observer.before_step(self, batch)
-            result = self.method.train_step(batch, self.global_step)
-            if self.step_observer:
-                self.step_observer.after_step(self, batch, result)
-            if hidden is not None and result.accepted_mask is not None:
-                add_counts(totals.pseudo_label_counts, hidden.labels, result.pseudo_labels,
-                           result.accepted_mask, hidden.sources)
-            self.global_step += 1
-            totals.steps += 1
-            totals.undecodable += undecodable
-            totals.images += len(batch.labels) + (len(batch.unlabeled_weak)
-                                                  if batch.unlabeled_weak is not None else 0)
-            totals.add_losses(result.losses)
-            if not all(math.isfinite(value) for value in result.losses.values()):
-                raise FloatingPointError(f"non-finite loss at step {self.global_step}: {result.losses}")
+            self.train_step(batch_indices, following, totals)
+            if every and totals.steps % every == 0 and totals.steps < len(batches):
+                values = totals.read_values()  # raises on a non-finite loss
+                if self.rank == 0:
+                    _log_progress(self.epoch, totals, len(batches), values, time.perf_counter() - started)
         totals.seconds = time.perf_counter() - started
         return totals
+
+    def train_step(self, batch_indices: np.ndarray, following: np.ndarray | None, totals: EpochTotals) -> None:
+        """One step on the labeled rows `batch_indices` (and the unlabeled rows the stream gives),
+        counted into `totals`; starts preparing `following`. Nothing here reads a device value
+        back to the host, so on a GPU the host queues the next step while this one runs (the
+        sync-free test runs it on the `meta` device, where any such read fails)."""
+        waited = time.perf_counter()
+        batch, undecodable, hidden = self.inputs.next(batch_indices, following)
+        totals.input_seconds += time.perf_counter() - waited
+        if self.step_observer:
+            self.step_observer.before_step(self, batch)
+        result = self.method.train_step(batch, self.global_step)
+        if self.step_observer:
+            self.step_observer.after_step(self, batch, result)
+        if hidden is not None and result.accepted_mask is not None:
+            add_counts(totals.pseudo_label_counts, hidden.labels, result.pseudo_labels,
+                       result.accepted_mask, hidden.sources)
+        totals.add_values(result.values, self.global_step)
+        self.global_step += 1
+        totals.steps += 1
+        totals.undecodable += undecodable
+        totals.images += len(batch.labels) + (len(batch.unlabeled_weak)
+                                              if batch.unlabeled_weak is not None else 0)
+        totals.forward_images += self.method.forward_images(batch)
 
     @torch.no_grad()
     def update_thresholds(self) -> None:
@@ -340,9 +363,8 @@ class Trainer:
         slice_indices = np.arange(self.rank, len(self.labeled), self.world_size)
         total: ClassStatistics | None = None
         batch_size = self.config.evaluation.batch_size
-        for start in range(0, len(slice_indices), batch_size):
-            indices = slice_indices[start:start + batch_size]
-            images, ok = self.inputs.evaluation_images(self.labeled.take_images(indices))
+        for indices, images, ok in prepared_batches(self.labeled, slice_indices, batch_size,
+                                                    self.inputs.evaluation_images):
             if not ok.any():
                 continue
             keep = torch.from_numpy(ok).to(self.device)
@@ -356,9 +378,14 @@ class Trainer:
             total = ClassStatistics.zeros(schema.NUM_CLASSES)
         self.method.update_thresholds(sync_threshold_statistics(total, self.collectives), self.epoch)
 
-    def evaluate(self) -> dict[str, Any]:
+    def evaluate(self) -> dict[str, Any] | None:
+        """The validation report (on rank 0; None on the others). Every worker predicts its slice of
+        the validation rows and the predictions are gathered, so all workers must call it."""
         probabilities = predict_table(self.validation, self.method.predict,
-                                      self.inputs.evaluation_images, self.config.evaluation.batch_size)
+                                      self.inputs.evaluation_images, self.config.evaluation.batch_size,
+                                      self.collectives, self.rank, self.world_size)
+        if self.rank != 0:
+            return None
         return validation_report(self.validation, probabilities, self.config.evaluation.windows,
                                  self.config.evaluation.mode, self.config.evaluation.halves_seed)
 
@@ -369,6 +396,7 @@ class Trainer:
         """The epoch's record. Pseudo-label counts and images/s total are summed over workers (two
         all-reduces); losses and images_per_second are this worker's."""
         thresholds = self.method.thresholds()
+        losses = totals.read_values()  # raises on a non-finite loss
         images_per_second = totals.images / max(totals.seconds, 1e-9)
         images_per_second_total = float(self.collectives.all_reduce_sum(
             torch.tensor([images_per_second], dtype=torch.float64)).cpu()[0])
@@ -378,10 +406,10 @@ class Trainer:
         return {
             "epoch": self.epoch,
             "step": self.global_step,
-            "losses": {name: value / max(1, totals.steps) for name, value in totals.losses.items()},
+            "losses": {name: value / max(1, totals.steps) for name, value in losses.items()},
             "learning_rates": [group["lr"] for optimizer in _optimizers(self.method)
                                for group in optimizer.param_groups],
-            "thresholds": thresholds.tolist() if thresholds is not None else None,
+            "thresholds": thresholds.cpu().tolist() if thresholds is not None else None,
             "pseudo_label_acceptance_rate": float(accepted.sum() / candidates) if candidates else None,
             "pseudo_label_histogram": accepted.tolist() if candidates else None,
             # Of the unlabeled rows seen this epoch, against the labels the split hid: acceptance
@@ -390,6 +418,8 @@ class Trainer:
                                      if int(pseudo_label_counts.sum()) else None),
             "images_per_second": images_per_second,
             "images_per_second_total": images_per_second_total,
+            # Through the networks: a DTM step trains on B + U distinct images but runs B + 2U.
+            "forward_images_per_second": totals.forward_images / max(totals.seconds, 1e-9),
             "input_wait_fraction": totals.input_seconds / max(totals.seconds, 1e-9),
             "undecodable_images": totals.undecodable,
             "validation": validation,
@@ -423,7 +453,7 @@ class Trainer:
                 self.update_thresholds()
                 validation = None
                 due = self.epoch % config.evaluation.every_epochs == 0 or self.epoch == config.run.epochs
-                if due and self.rank == 0:  # replicas are identical: one worker validates
+                if due:  # replicas are identical: each predicts a slice, rank 0 reports
                     validation = self.evaluate()
                 record = self.epoch_metrics(totals, validation, fingerprint)
                 self.history.append(record)
@@ -482,6 +512,33 @@ def worker_metrics_uri(run_folder: str, rank: int) -> str:
 
 def _optimizers(method: Method) -> list[torch.optim.Optimizer]:
     return [value for value in vars(method).values() if isinstance(value, torch.optim.Optimizer)]
+
+
+def trained_networks(method: Method) -> list[torch.nn.Module]:
+    """The method's module attributes that own parameters one of its optimizers updates (not its
+    EMA or other frozen copies)."""
+    trained = {id(parameter) for optimizer in _optimizers(method) for group in optimizer.param_groups
+               for parameter in group["params"]}
+    return [value for value in vars(method).values() if isinstance(value, torch.nn.Module)
+            and any(id(parameter) in trained for parameter in value.parameters())]
+
+
+def configure_backends(device: torch.device, run: Any) -> None:
+    """The CUDA math settings of `run` (TF32, cuDNN autotuning); nothing changes off CUDA."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = run.tf32
+    torch.backends.cudnn.allow_tf32 = run.tf32
+    torch.backends.cudnn.benchmark = run.cudnn_benchmark
+
+
+def _log_progress(epoch: int, totals: EpochTotals, steps: int, values: dict[str, float], seconds: float) -> None:
+    """A line within an epoch: where it is, the mean loss so far, the rate and the time left."""
+    rate = totals.steps / max(seconds, 1e-9)
+    left = (steps - totals.steps) / max(rate, 1e-9)
+    print(f"[train] epoch {epoch + 1} step {totals.steps}/{steps}  "
+          f"loss {values.get('loss', float('nan')) / max(1, totals.steps):.4f}  "
+          f"{totals.images / max(seconds, 1e-9):.0f} img/s  epoch ETA {left:.0f} s", flush=True)
 
 
 def _log(record: dict[str, Any]) -> None:

@@ -24,7 +24,6 @@ import numpy as np
 import ray.data
 import ray.train
 import torch
-import torch.distributed as dist
 from ray.data import FileShuffleConfig
 from ray.train.torch import TorchTrainer
 
@@ -32,8 +31,8 @@ from pipeline.config import ConfigError
 from pipeline.core.pseudo_label_quality import flat_quality
 from pipeline.core.views import WeakView
 from pipeline.data import schema, split, storage
-from pipeline.methods.base import Collectives
 from pipeline.training import checkpoint
+from pipeline.training.distributed import TorchCollectives
 from pipeline.training.config import DataConfig, TrainConfig, load_config, to_mapping
 from pipeline.training.inputs import (PREPARED_HIDDEN_LABEL, PREPARED_OK, PREPARED_PIXELS, PREPARED_SOURCE,
                                       PoolViews, PreparedUnlabeled, UnlabeledSource)
@@ -42,30 +41,6 @@ from pipeline.training.loop import WORKER_STATE_KEYS, StepObserver, Trainer
 WORKER_CHECKPOINT_FOLDER = "workers"
 POOL_COLUMNS = [schema.SAMPLE_ID, schema.IMAGE, schema.SOURCE, schema.SPLIT, schema.LABEL]
 DATASET_NAME = "unlabeled"
-
-
-class TorchCollectives(Collectives):
-    """`Collectives` over the default torch.distributed process group (Ray Train sets it up).
-
-    Inputs are never modified; each call returns a new tensor on the input's device and dtype
-    (float for a mean of integers), moved through the backend's device (CUDA for NCCL).
-    """
-
-    @property
-    def world_size(self) -> int:
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("TorchCollectives needs an initialised torch.distributed process group")
-        backend_device = (torch.device("cuda", torch.cuda.current_device())
-                          if dist.get_backend() == "nccl" else torch.device("cpu"))
-        work = tensor.detach().to(backend_device, copy=True)
-        dist.all_reduce(work, op=dist.ReduceOp.SUM)
-        return work.to(tensor.device)
-
-    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self.all_reduce_sum(tensor) / self.world_size
 
 
 RAY_CHECKPOINT_LIST = "checkpoint_manager_snapshot.json"

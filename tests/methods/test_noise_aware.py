@@ -79,6 +79,27 @@ def test_rank_regularization_by_hand():
     assert rank_regularization(torch.tensor([0.5]), 0.7, 0.15).item() == 0.0
 
 
+def test_rank_regularization_over_a_mask_equals_it_over_the_chosen_samples():
+    """The step passes the clean mask instead of indexing (indexing by a mask reads its size back
+    to the host): the masked loss and its gradient are those of the chosen samples alone, and no
+    gradient reaches the others."""
+    generator = torch.Generator().manual_seed(3)
+    for chosen_count in (0, 1, 2, 5, 11):
+        importance = torch.rand(12, generator=generator, requires_grad=True)
+        chosen = torch.zeros(12, dtype=torch.bool)
+        chosen[torch.randperm(12, generator=generator)[:chosen_count]] = True
+        masked = rank_regularization(importance, 0.7, 0.9, chosen=chosen)
+        (masked_gradient,) = torch.autograd.grad(masked, importance)
+        subset = importance.detach()[chosen].requires_grad_(True)
+        expected = rank_regularization(subset, 0.7, 0.9)
+        expected_gradient = (torch.autograd.grad(expected, subset)[0] if chosen_count >= 2
+                             else torch.zeros(chosen_count))
+        assert masked.item() == pytest.approx(expected.item(), rel=1e-6, abs=1e-7)
+        assert torch.allclose(masked_gradient[chosen], expected_gradient, atol=1e-7)
+        assert torch.count_nonzero(masked_gradient[~chosen]) == 0
+        assert torch.isfinite(masked_gradient).all()
+
+
 # ------------------------------------------------------------------------ a step by hand
 
 def stub_method(options: NoiseAwareOptions, ramp: bool = True) -> NoiseAware:

@@ -14,9 +14,10 @@ from torch.nn import functional
 
 from pipeline.config import ConfigError, from_mapping
 from pipeline.core.metrics import macro_f1
-from pipeline.methods.base import Collectives
 from pipeline.temporal.encoder import (PADDING, FrameSequences, TemporalConfig, TemporalEncoder,
                                        TemporalTrainer, masked_cross_entropy, predict_sequences)
+
+from thread_group import ThreadCollectives, ThreadGroup
 
 TINY = dict(clip_length=16, model_dim=16, layers=1, heads=2, feedforward_dim=32, batch_clips=4)
 
@@ -271,37 +272,6 @@ def test_temporal_model_beats_a_per_frame_classifier_on_noisy_runs():
     assert per_frame < 0.6, "the per-frame task must be hard for the comparison to mean anything"
     assert temporal >= per_frame + 0.2
     assert without_context < per_frame + 0.05
-
-
-class ThreadGroup:
-    """An in-process all-reduce for workers running in threads: each puts its tensor in its slot,
-    all wait, each sums the slots in rank order (so every worker gets the same bits), all wait."""
-
-    def __init__(self, world_size: int) -> None:
-        self.slots: list[torch.Tensor | None] = [None] * world_size
-        self.barrier = threading.Barrier(world_size, timeout=60)
-        self.means: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-
-
-class ThreadCollectives(Collectives):
-    def __init__(self, group: ThreadGroup, rank: int) -> None:
-        self.group = group
-        self.rank = rank
-        self.world_size = len(group.slots)
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        self.group.slots[self.rank] = tensor.detach().clone()
-        self.group.barrier.wait()
-        total = self.group.slots[0].clone()
-        for other in self.group.slots[1:]:
-            total += other
-        self.group.barrier.wait()
-        return total
-
-    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        mean = self.all_reduce_sum(tensor) / self.world_size
-        self.group.means.append((self.rank, tensor.detach().clone(), mean))
-        return mean
 
 
 def test_two_workers_draw_different_clips_and_stay_identical():

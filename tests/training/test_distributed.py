@@ -28,9 +28,11 @@ from pipeline.data import split
 from pipeline.training import checkpoint
 from pipeline.training.config import load_config
 from pipeline.methods.base import MethodContext, StepResult, TrainBatch
-from pipeline.training.loop import (METRICS_LINES, StepObserver, Trainer, average_gradients,
+from pipeline.training.gradients import average_gradients
+from pipeline.training.loop import (METRICS_LINES, StepObserver, Trainer,
                                     synchronize_replicas, worker_metrics_uri)
-from pipeline.training.ray_train import TorchCollectives, WorkerKill, build_trainer
+from pipeline.training.distributed import TorchCollectives
+from pipeline.training.ray_train import WorkerKill, build_trainer
 
 from conftest import build_tiny_split
 

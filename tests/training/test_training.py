@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import f1_score
+from torch.overrides import TorchFunctionMode
 
 from jobs import train as train_job
 from pipeline.data import schema
@@ -18,9 +20,11 @@ from pipeline.training import checkpoint
 from pipeline.training.config import load_config
 from pipeline.training.data import UnlabeledStream, read_labeled, read_validation
 from pipeline.training.inputs import evaluation_tensor, make_views
-from pipeline.training.loop import METRICS_LINES, StepObserver, Trainer
+from pipeline.training.evaluate import predict_table
+from pipeline.training.loop import METRICS_LINES, EpochTotals, StepObserver, Trainer
 
 from conftest import build_tiny_split
+from thread_group import ThreadCollectives, ThreadGroup
 
 
 @pytest.fixture(scope="module")
@@ -217,15 +221,18 @@ def tensors(value, prefix=""):
     return found
 
 
-@pytest.mark.parametrize("method", ["supervised", "dtm"])
-def test_resume_continues_exactly(tiny_split, tmp_path, method):
+@pytest.mark.parametrize("method, precision", [("supervised", "fp32"), ("dtm", "fp32"), ("dtm", "bf16")])
+def test_resume_continues_exactly(tiny_split, tmp_path, method, precision):
     """Stopping after epoch 1 and resuming gives the same networks, EMA, optimizer and threshold
-    state as an uninterrupted run (the unlabeled stream replays to its exact position)."""
-    straight = Trainer(tiny_config(tiny_split, str(tmp_path / "a"), method=method)).fit()
-    first = tiny_config(tiny_split, str(tmp_path / "b"), method=method)
+    state as an uninterrupted run (the unlabeled stream replays to its exact position), in fp32
+    and in the recipes' bf16."""
+    configure = lambda folder: tiny_config(tiny_split, str(tmp_path / folder), method=method,
+                                           run__precision=precision)
+    straight = Trainer(configure("a")).fit()
+    first = configure("b")
     first.run.epochs = 1
     Trainer(first).fit()
-    resumed = Trainer(tiny_config(tiny_split, str(tmp_path / "b"), method=method)).fit()
+    resumed = Trainer(configure("b")).fit()
     assert resumed["steps"] == straight["steps"] == 6
     straight_state = tensors(checkpoint.load(checkpoint.latest(str(tmp_path / "a" / "tiny")))["method"])
     resumed_state = tensors(checkpoint.load(checkpoint.latest(str(tmp_path / "b" / "tiny")))["method"])
@@ -277,3 +284,150 @@ def test_every_recipe_loads():
             continue
         config = load_config(os.path.join(folder, name))
         assert config.method
+
+
+class HostToDevice(TorchFunctionMode):
+    """Counts copies of host tensors to another device (`.to`, `copy_`, `torch.tensor(device=)`):
+    on a GPU each is a transfer the step waits on unless pinned, so a step keeps them few."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if func in (torch.Tensor.to, torch.Tensor.copy_) and source is not None and isinstance(result, torch.Tensor):
+            origin = args[1] if func is torch.Tensor.copy_ else source
+            if isinstance(origin, torch.Tensor) and origin.device.type == "cpu" and result.device.type != "cpu":
+                self.copies += 1
+        elif func is torch.tensor and isinstance(result, torch.Tensor) and result.device.type != "cpu":
+            self.copies += 1
+        return result
+
+
+SYNC_FREE_METHODS = ["supervised", "dtm", "feedback", "mutexmatch", "noise_aware"]
+
+
+@pytest.mark.parametrize("method", SYNC_FREE_METHODS)
+def test_a_training_step_never_reads_a_device_value(tiny_split, tmp_path, method):
+    """The whole step (the batch to the device, the views, the method's step, the pseudo-label
+    counts and the loss sums) runs on the `meta` device, which has shapes but no data: any read of
+    a device value on the host (`.item()`, `.cpu()`, `bool(tensor)`, a mask index, `bincount`),
+    each a host wait on a GPU, fails there. The host-to-device copies stay within a budget: the
+    batch's arrays, and one per view for its random parameters (two more for a strong view's
+    RandAugment rounds, one for its erasing)."""
+    config = tiny_config(tiny_split, str(tmp_path), method, run__log_every_steps=0, run__precision="fp32")
+    trainer = Trainer(config, device=torch.device("meta"))
+    totals = EpochTotals()
+    totals.pseudo_label_counts = totals.pseudo_label_counts.to("meta")
+    indices = trainer.sampler.indices(0)
+    batch_size = config.data.labeled_batch
+    first, second = indices[:batch_size], indices[batch_size:2 * batch_size]
+    trainer.inputs.prefetch(first)
+    counter = HostToDevice()
+    try:
+        trainer.train_step(first, second, totals)  # copies its constants (a normalisation's) once
+        with counter:
+            trainer.train_step(second, None, totals)
+    finally:
+        trainer.inputs.close()
+    assert totals.steps == 2 and trainer.global_step == 2
+    assert {value.device.type for value in totals.sums.values()} == {"meta"}
+    needs = type(trainer.method).views
+    strong_views = int(needs.labeled_strong) + int(needs.unlabeled and needs.unlabeled_strong)
+    weak_views = 1 + int(needs.unlabeled)
+    arrays = 2 + 3 * int(needs.unlabeled)  # labeled pixels and labels; unlabeled pixels, labels, sources
+    budget = arrays + weak_views + strong_views * (1 + config.data.randaugment_ops + 1)
+    assert 0 < counter.copies <= budget + int(method == "mutexmatch")  # + its complementary labels
+
+
+def test_validation_split_over_two_workers_equals_one_process(tiny_split, tmp_path):
+    """Each worker predicts every other validation row (in batches decoded ahead in a thread), the
+    rows are gathered, and rank 0's report is the one-process report."""
+    config = tiny_config(tiny_split, str(tmp_path), "dtm")
+    config.evaluation.batch_size = 7  # several batches per worker, the last one short
+    single = Trainer(config, save_checkpoints=False)
+    expected_probabilities = predict_table(single.validation, single.method.predict,
+                                           single.inputs.evaluation_images, 7)
+    expected = single.evaluate()
+    group = ThreadGroup(2)
+    trainers = [Trainer(config, ThreadCollectives(group, rank), rank, 2, save_checkpoints=False)
+                for rank in range(2)]
+    predicted_rows = [0, 0]
+    results: dict[int, tuple] = {}
+
+    def run(rank: int) -> None:
+        trainer = trainers[rank]
+        trainer.method.load_state_dict(single.method.state_dict())
+
+        def predict(images: torch.Tensor) -> torch.Tensor:
+            predicted_rows[rank] += len(images)
+            return trainer.method.predict(images)
+
+        probabilities = predict_table(trainer.validation, predict, trainer.inputs.evaluation_images, 7,
+                                      trainer.collectives, rank, 2)
+        results[rank] = (probabilities, trainer.evaluate())
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    rows = len(single.validation)
+    assert sorted(predicted_rows) == [rows // 2, rows - rows // 2]
+    for rank in range(2):
+        np.testing.assert_allclose(results[rank][0], expected_probabilities, rtol=1e-5, atol=1e-7)
+    assert results[1][1] is None
+    assert json.dumps(results[0][1], sort_keys=True) == json.dumps(expected, sort_keys=True)
+
+
+def test_optimizers_are_fused_where_torch_has_fused_kernels():
+    from pipeline.methods.base import OptimizerConfig, build_optimizer
+
+    for name in ("sgd", "adam", "adamw"):
+        optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(3))], OptimizerConfig(name=name, lr=0.1))
+        assert optimizer.param_groups[0]["fused"] is True, name
+    on_meta = build_optimizer([torch.nn.Parameter(torch.zeros(3, device="meta"))], OptimizerConfig(lr=0.1))
+    assert not on_meta.param_groups[0]["fused"]
+
+
+def test_the_cuda_math_settings_follow_the_run_config(tiny_split, tmp_path):
+    from pipeline.training.loop import configure_backends
+
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                     torch.backends.cudnn.benchmark)
+    saved = flags()
+    run = tiny_config(tiny_split, str(tmp_path)).run
+    try:
+        run.tf32, run.cudnn_benchmark = False, True
+        configure_backends(torch.device("cuda"), run)
+        assert flags() == (False, False, True)
+        run.tf32, run.cudnn_benchmark = True, False
+        configure_backends(torch.device("cuda"), run)
+        assert flags() == (True, True, False)
+        run.tf32, run.cudnn_benchmark = False, True
+        configure_backends(torch.device("cpu"), run)  # nothing to set off CUDA
+        assert flags() == (True, True, False)
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.benchmark) = saved
+
+
+@pytest.mark.slow
+def test_compiled_networks_train_and_keep_their_checkpoint_format(tiny_split, tmp_path):
+    """run.compile compiles the trained network in place (not the EMA copy), the run trains, and
+    its checkpoint loads into an uncompiled method (the keys do not change)."""
+    compiled = Trainer(tiny_config(tiny_split, str(tmp_path / "compiled"), "dtm", run__compile="aot_eager",
+                                   run__epochs=1))
+    assert compiled.method.model._compiled_call_impl is not None
+    assert all(module._compiled_call_impl is None for module in compiled.method.ema.model.modules())
+    final = compiled.fit()
+    assert final["epochs"] == 1
+    state = checkpoint.load(checkpoint.latest(str(tmp_path / "compiled" / "tiny")))["method"]
+    plain = Trainer(tiny_config(tiny_split, str(tmp_path / "plain"), "dtm", run__epochs=1))
+    assert set(state["model"]) == set(plain.method.model.state_dict())  # no _orig_mod. prefixes
+    plain.method.load_state_dict(state)
+    for name, value in plain.method.model.state_dict().items():
+        assert torch.equal(value, compiled.method.model.state_dict()[name]), name
