@@ -1,10 +1,11 @@
-"""The Ray Train adapter on a local Ray (2 CPU workers, gloo): one data-parallel step of 2 workers
-equals one single-process step on their concatenated batches, and the replicas are identical after
-it, before the epoch's rank-0 broadcast (supervised and DTM; this fails when gradients are not
-averaged); the DTM threshold sync is global and equals the single-process update, and the replicas'
-parameter fingerprints agree before each broadcast; the feedback coefficient is averaged, a
-SIGKILLed worker is restarted from the last checkpoint, and re-running the job continues the run;
-plus the torch.distributed collectives in a 2-process gloo group without Ray."""
+"""Data-parallel training against one process. Without Ray, in 2-process gloo groups: the torch
+collectives, and one data-parallel step of 2 workers equals one single-process step on their
+concatenated batches with the replicas identical after it, before the epoch's rank-0 broadcast
+(supervised and DTM; this fails when gradients are not averaged). On a local Ray (2 CPU workers,
+gloo), the Ray Train adapter: the DTM threshold sync is global and equals the single-process
+update, the replicas' parameter fingerprints agree before each broadcast, the feedback coefficient
+is averaged, a SIGKILLed worker is restarted from the last checkpoint, and re-running the job
+continues the run."""
 
 from __future__ import annotations
 
@@ -289,7 +290,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(local_ray, tiny_split
     assert states[3]["method"]["threshold"]["updates"] == 3
 
 
-# ------------------------------------------ data-parallel equivalence (local Ray, 2 workers, one step)
+# ------------------------------------- data-parallel equivalence (2 processes, gloo, one step, no Ray)
 
 class StepRecorder(StepObserver):
     """Records, on each worker, the first step's batch as `method.train_step` received it, the
@@ -334,10 +335,25 @@ def labelled(label: str):
     return lambda report: f"{label}: {report}"
 
 
+def _data_parallel_worker(rank: int, world_size: int, folder: str, mapping: dict) -> None:
+    """One worker of `one_data_parallel_step`: the Trainer as Ray Train's worker runs it (torch
+    collectives, the overlapped gradient average, the start-of-run broadcast), in a gloo group."""
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
+                            world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        Trainer(load_config(base=mapping), collectives=TorchCollectives(), rank=rank, world_size=world_size,
+                run_folder=os.path.join(folder, "run"), save_checkpoints=False,
+                step_observer=StepRecorder(os.path.join(folder, "steps"))).fit()
+    finally:
+        dist.destroy_process_group()
+
+
 def one_data_parallel_step(split_dir: str, folder, method: str, method_options: dict) -> list[dict]:
-    """Train 1 epoch of 1 step on 2 Ray Train workers (the production path: `build_trainer`, the
-    optimizers' gradient hook, gloo); check that the replicas are identical after the step and equal
-    one process's step on the concatenated batches. Returns each rank's StepRecorder record."""
+    """Train 1 epoch of 1 step on 2 workers (the Trainer, its gradient hooks and torch collectives
+    over gloo, in 2 processes; Ray Train runs the same Trainer per worker, and the Ray tests above
+    cover its adapter); check that the replicas are identical after the step and equal one
+    process's step on the concatenated batches. Returns each rank's StepRecorder record."""
     mapping = settings(split_dir, str(folder), method, method=method, epochs=1)
     mapping["method_options"].update(method_options)
     mapping["run"]["steps_per_epoch"] = 1  # so the recorded step ends the epoch, before the broadcast
@@ -346,10 +362,11 @@ def one_data_parallel_step(split_dir: str, folder, method: str, method_options: 
     # that half's statistics (test_resnet would differ by far more than rounding). timm's test_vit
     # normalises with LayerNorm, per sample, and has no dropout at drop_rate 0.
     mapping["model"] = {"backbone": "test_vit", "channels_last": False}
+    mapping["data"]["unlabeled_reader"] = "in_process"
     config = load_config(base=mapping)
     recordings = folder / "steps"
     recordings.mkdir()
-    build_trainer(config, step_observer=StepRecorder(str(recordings))).fit()
+    multiprocessing.spawn(_data_parallel_worker, args=(WORKERS, str(folder), mapping), nprocs=WORKERS, join=True)
     ranks = [torch.load(recordings / f"rank-{rank}.pt", weights_only=False) for rank in range(WORKERS)]
 
     # The replicas started from rank 0's state and drew different, equally large batches (equal
@@ -394,14 +411,13 @@ def one_data_parallel_step(split_dir: str, folder, method: str, method_options: 
     return ranks
 
 
-@pytest.mark.ray
-def test_a_data_parallel_supervised_step_equals_one_step_on_the_concatenated_batch(local_ray, tiny_split,
-                                                                                   tmp_path):
+@pytest.mark.slow
+def test_a_data_parallel_supervised_step_equals_one_step_on_the_concatenated_batch(tiny_split, tmp_path):
     one_data_parallel_step(tiny_split, tmp_path, "supervised", {})
 
 
-@pytest.mark.ray
-def test_a_data_parallel_dtm_step_equals_one_step_on_the_concatenated_batch(local_ray, tiny_split, tmp_path):
+@pytest.mark.slow
+def test_a_data_parallel_dtm_step_equals_one_step_on_the_concatenated_batch(tiny_split, tmp_path):
     # Threshold 0 accepts every pseudo label, so the unlabeled loss (a sum over the accepted samples
     # divided by each worker's own unlabeled count) is part of the step being compared.
     ranks = one_data_parallel_step(tiny_split, tmp_path, "dtm", {"initial_threshold": 0.0})
