@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,10 +145,37 @@ class ScalingConfig:
     soon as backward has filled it (overlapping the transfer with the rest of backward); 0 sends
     them all in one collective after backward, the plain form."""
 
+    epoch_rule: str = "steps"
+    """What N workers keep from one process's run. steps: every worker takes run.steps_per_epoch
+    steps of data.labeled_batch, so the global batch is N times one process's and an epoch covers N
+    times the images (epochs get no longer, they see more). images: an epoch covers the images of
+    one process's epoch, each worker taking ceil(run.steps_per_epoch / N) steps (epochs get about N
+    times shorter). Either way each step's global batch is N x data.labeled_batch."""
+    lr_rule: str = "none"
+    """How the learning rates follow the N-times global batch: none (as configured), linear (x N,
+    Goyal et al.'s rule for SGD, with warm-up) or sqrt (x sqrt(N), the usual choice for Adam). Every
+    optimizer of the method is scaled, its own rates (the feedback teacher's, say) included."""
+
     def __post_init__(self) -> None:
         if self.gradient_bucket_megabytes < 0:
             raise typed.ConfigError(f"scaling.gradient_bucket_megabytes must be >= 0, got "
-                              f"{self.gradient_bucket_megabytes}")
+                                    f"{self.gradient_bucket_megabytes}")
+        typed.check(self.epoch_rule in ("steps", "images"), "scaling.epoch_rule", "steps or images")
+        typed.check(self.lr_rule in ("none", "linear", "sqrt"), "scaling.lr_rule", "none, linear or sqrt")
+
+    def steps_per_worker(self, steps_per_epoch: int, world_size: int) -> int:
+        """Steps each of `world_size` workers takes per epoch (see epoch_rule)."""
+        if self.epoch_rule == "images" and world_size > 1:
+            return max(1, math.ceil(steps_per_epoch / world_size))
+        return steps_per_epoch
+
+    def learning_rate_factor(self, world_size: int) -> float:
+        """The factor on every learning rate for `world_size` workers (see lr_rule)."""
+        if self.lr_rule == "linear":
+            return float(world_size)
+        if self.lr_rule == "sqrt":
+            return math.sqrt(world_size)
+        return 1.0
 
 
 @dataclass

@@ -210,11 +210,13 @@ class Trainer:
             self.training_set = self.labeled.concat(ImageTable.from_table(pseudo))
             print(f"[train] {len(pseudo)} pseudo-labeled rows join {len(self.labeled)} labeled rows", flush=True)
         self.validation: ImageTable = read_validation(config.data.split)
+        self.steps_per_epoch = config.scaling.steps_per_worker(config.run.steps_per_epoch, world_size)
         method_class = config.method_class()
         context = MethodContext(model=config.model, optimizer=config.optimizer,
-                                total_steps=config.total_steps, device=self.device,
+                                total_steps=config.run.epochs * self.steps_per_epoch, device=self.device,
                                 precision=config.run.precision, collectives=self.collectives)
         self.method: Method = method_class(config.options(), context)
+        scale_learning_rates(self.method, config.scaling.learning_rate_factor(world_size))
         if config.run.compile != "off":
             # In place (nn.Module.compile): the state dict keeps its keys, so checkpoints do not
             # change; after the method's constructor, so the EMA copies stay plain modules.
@@ -227,7 +229,7 @@ class Trainer:
                 config.data.split, seed, config.data.shuffle_buffer, config.data.unlabeled_sources,
                 rank, world_size))
         self.sampler = ClassBalancedSampler(self.training_set.labels,
-                                            config.run.steps_per_epoch * config.data.labeled_batch,
+                                            self.steps_per_epoch * config.data.labeled_batch,
                                             seed, rank=rank, world_size=world_size)
         self.inputs = InputPipeline(config.data, needs, self.training_set, self.unlabeled, self.device,
                                     seed * 1000 + rank)
@@ -310,7 +312,7 @@ class Trainer:
         batch_size = self.config.data.labeled_batch
         indices = self.sampler.indices(self.epoch)
         batches = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
-        batches = batches[:self.config.run.steps_per_epoch]
+        batches = batches[:self.steps_per_epoch]
         started = time.perf_counter()
         self.inputs.prefetch(batches[0])
         every = self.config.run.log_every_steps
@@ -512,6 +514,22 @@ def worker_metrics_uri(run_folder: str, rank: int) -> str:
 
 def _optimizers(method: Method) -> list[torch.optim.Optimizer]:
     return [value for value in vars(method).values() if isinstance(value, torch.optim.Optimizer)]
+
+
+def scale_learning_rates(method: Method, factor: float) -> None:
+    """Multiply every learning rate of the method's optimizers, and the base rates its schedulers
+    compute them from, by `factor` (the scaling.lr_rule); a checkpoint then carries the scaled rates."""
+    if factor == 1.0:
+        return
+    for value in vars(method).values():
+        if isinstance(value, torch.optim.Optimizer):
+            for group in value.param_groups:
+                group["lr"] *= factor
+                if "initial_lr" in group:
+                    group["initial_lr"] *= factor
+        elif isinstance(value, torch.optim.lr_scheduler.LRScheduler):
+            value.base_lrs = [rate * factor for rate in value.base_lrs]
+            value._last_lr = [rate * factor for rate in value._last_lr]
 
 
 def trained_networks(method: Method) -> list[torch.nn.Module]:

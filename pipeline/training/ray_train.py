@@ -6,8 +6,8 @@ Data: every worker holds the (small) labeled set and draws its own class-balance
 Data (below: decode and crop in `map_batches`, split across workers with
 `DataConfig(datasets_to_split=["unlabeled"])`, one long-lived iterator per worker across epochs),
 or with `data.unlabeled_reader=in_process` each worker reads its own share of the pool's files.
-Each rank takes exactly `run.steps_per_epoch` steps per epoch, so the per-step collectives and the
-per-epoch reports pair up.
+Each rank takes the same number of steps per epoch (`scaling.epoch_rule`), so the per-step
+collectives and the per-epoch reports pair up.
 """
 
 from __future__ import annotations

@@ -431,3 +431,30 @@ def test_compiled_networks_train_and_keep_their_checkpoint_format(tiny_split, tm
     plain.method.load_state_dict(state)
     for name, value in plain.method.model.state_dict().items():
         assert torch.equal(value, compiled.method.model.state_dict()[name]), name
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+@pytest.mark.parametrize("epoch_rule, lr_rule, steps, factor", [
+    ("steps", "none", 5, 1.0), ("images", "linear", 2, 4.0), ("images", "sqrt", 2, 2.0)])
+def test_the_scaling_rule_sets_steps_per_worker_and_learning_rates(tiny_split, tmp_path, epoch_rule, lr_rule,
+                                                                   steps, factor):
+    """With 4 workers and 5 steps per epoch: `steps` keeps 5 steps per worker, `images` takes 2
+    (ceil 5/4); the learning rates, and the schedule they follow, are one process's times the rule."""
+    options = dict(method="feedback", run__epochs=2,
+                   optimizer={"name": "sgd", "lr": 0.1, "schedule": "cosine", "warmup_steps": 2})
+    config = tiny_config(tiny_split, str(tmp_path / "four"), run__steps_per_epoch=5, **options,
+                         scaling={"epoch_rule": epoch_rule, "lr_rule": lr_rule})
+    worker = Trainer(config, ThreadCollectives(ThreadGroup(4), 0), rank=0, world_size=4)
+    assert worker.steps_per_epoch == steps
+    assert len(worker.sampler.indices(0)) == steps * config.data.labeled_batch
+    # One process taking as many steps: the worker's schedule is its schedule times the rule.
+    single = Trainer(tiny_config(tiny_split, str(tmp_path / "one"), run__steps_per_epoch=steps, **options))
+    for name in ("teacher", "student"):
+        ours, theirs = (getattr(trainer.method, f"{name}_scheduler") for trainer in (worker, single))
+        assert ours.base_lrs == pytest.approx([factor * rate for rate in theirs.base_lrs])
+        assert getattr(worker.method, f"{name}_optimizer").param_groups[0]["lr"] == pytest.approx(
+            factor * getattr(single.method, f"{name}_optimizer").param_groups[0]["lr"])
+        for _ in range(2):
+            ours.step()
+            theirs.step()
+        assert ours.get_last_lr() == pytest.approx([factor * rate for rate in theirs.get_last_lr()])
