@@ -1,20 +1,28 @@
-"""Batch inference throughput on this machine, side by side on the same frames and model:
+"""Batch inference throughput on this machine, side by side on the same frames and model, three
+repeats interleaved, median and range:
 
-- job:  `pipeline.inference.ray_inference.run_predictions` (what `jobs.infer` / `jobs.pseudolabel` run:
-        Ray Data read + filter, an actor pool running `predict_rows`, the driver writing one
-        output file per input file);
-- bare: one process, the same files read with pyarrow and `predict_rows` called in a loop with all
-        the cores as torch threads (no Ray, no output written).
+- job:        `pipeline.inference.ray_inference.run_predictions` (what `jobs.infer` / `jobs.pseudolabel`
+              run: Ray Data read + filter, an actor pool running `predict_rows`, the driver writing
+              one output file per input file);
+- overlapped: the strongest one-process loop a competent engineer would write on the same cores:
+              a decode thread (pyarrow read, JPEG decode, evaluation view) feeding the network,
+              which runs on the other cores (decode of batch k+1 while batch k is in the network);
+- processes:  `--actors` plain processes with `--threads` torch threads each, every one running
+              `predict_rows` over its share of the files (the job's arrangement without Ray), its
+              own decode and compute overlapping the others';
+- serial:     one process, `predict_rows` in a loop with all cores as torch threads (the baseline
+              this benchmark used before: decode and compute never overlap).
 
-Reported: images/s end to end and at steady state (the rows after the first quarter of them
-reached the driver), time to the first predictions at the driver, and the per-video smoothing of
-all predictions as a fraction of the job's time.
+Reported for each: images/s end to end (start-up, model loading and the first batches included)
+and at steady state (the rows that finished after the first quarter did, over their time), and
+the job's ratio to each baseline on both. Plus the per-video smoothing of all predictions as a
+fraction of the job's time.
 
-    .venv/bin/python bench/inference.py [--files 3] [--actors 2] [--threads 1] [--repeats 2]
+    .venv/bin/python bench/inference.py [--split S] [--files 3] [--actors 2] [--threads 1] [--repeats 3]
 
-Frames: bench_out/stream_pool-80000-16 (made by `bench/streaming.py --rows 80000`: the demo pool's 112 px JPEGs, replicated);
-model: resnet18 at 112 px (the ABAW5 input size), trained for one step on the demo split so that a
-real checkpoint is loaded (weights do not change the cost).
+Frames: bench_out/stream_pool-<rows>-16 (made here from the split's pool, as `bench/streaming.py`
+makes it: 112 px JPEGs replicated); model: resnet18 at 112 px (the ABAW5 input size), trained for
+one step on the split so that a real checkpoint is loaded (weights do not change the cost).
 """
 
 from __future__ import annotations
@@ -33,10 +41,12 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/streaming.py's make_pool
 
 from pipeline.core import smoothing  # noqa: E402
 from pipeline.inference.config import InferenceConfig  # noqa: E402
 from pipeline.inference.ray_inference import run_predictions  # noqa: E402
+from pipeline.data import schema  # noqa: E402
 from pipeline.data.schema import PREDICTED  # noqa: E402
 from pipeline.inference.predict import load_frame_model, predict_rows  # noqa: E402
 from pipeline.inference.prediction_files import InputFile, RowFilter  # noqa: E402
@@ -56,16 +66,91 @@ def make_checkpoint(split: str, folder: str, backbone: str, size: int) -> str:
     return run
 
 
-def bare(files: list[str], checkpoint: str, batch: int, threads: int) -> tuple[float, int]:
+def steady(arrivals: list[tuple[float, int]], started: float, finished: float) -> dict[str, float]:
+    """End-to-end and steady-state images/s from (time, rows) completions: steady counts the rows
+    that completed after the first quarter of them did, over the time they took."""
+    arrivals = sorted(arrivals)
+    rows = sum(count for _, count in arrivals)
+    counts = np.cumsum([count for _, count in arrivals])
+    quarter = int(np.searchsorted(counts, rows / 4))
+    return {"seconds": finished - started, "rows": rows, "images_per_second": rows / (finished - started),
+            "first_output_s": arrivals[0][0] - started,
+            "steady_images_per_second": (rows - counts[quarter]) / max(finished - arrivals[quarter][0], 1e-9)}
+
+
+def serial(files: list[str], checkpoint: str, batch: int, threads: int) -> dict[str, float]:
+    started = time.perf_counter()
     torch.set_num_threads(threads)
     model = load_frame_model(checkpoint)
-    started = time.perf_counter()
-    rows = 0
+    arrivals = []
     for path in files:
         for record_batch in pq.ParquetFile(path).iter_batches(batch_size=batch):
             output = predict_rows(model, pa.Table.from_batches([record_batch]))
-            rows += output.num_rows
-    return time.perf_counter() - started, rows
+            arrivals.append((time.perf_counter(), output.num_rows))
+    return steady(arrivals, started, time.perf_counter())
+
+
+def overlapped(files: list[str], checkpoint: str, batch: int, threads: int) -> dict[str, float]:
+    """A decode thread one batch ahead of the network; torch gets the cores the decoder does not use."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.training.inputs import evaluation_tensor
+
+    started = time.perf_counter()
+    torch.set_num_threads(max(1, threads - 1))
+    model = load_frame_model(checkpoint)
+    data = model.config.data
+    batches = (record_batch for path in files for record_batch in pq.ParquetFile(path).iter_batches(batch_size=batch))
+
+    def decode(record_batch) -> tuple[torch.Tensor, np.ndarray]:
+        return evaluation_tensor(record_batch.column(schema.IMAGE).to_pylist(), data, model.method.device)
+
+    arrivals = []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(decode, next(batches))
+        for record_batch in [*batches, None]:
+            images, ok = pending.result()
+            if record_batch is not None:
+                pending = pool.submit(decode, record_batch)
+            probabilities = model.method.predict(images[torch.from_numpy(ok)]).cpu().numpy()
+            arrivals.append((time.perf_counter(), len(ok)))
+            del probabilities
+    return steady(arrivals, started, time.perf_counter())
+
+
+def _process_share(files: list[str], index: int, count: int, checkpoint: str, batch: int, threads: int,
+                   queue) -> None:
+    torch.set_num_threads(threads)
+    model = load_frame_model(checkpoint)
+    groups = [(path, group) for path in files for group in range(pq.ParquetFile(path).num_row_groups)]
+    for path, group in groups[index::count]:
+        for record_batch in pq.ParquetFile(path).read_row_group(group).to_batches(max_chunksize=batch):
+            output = predict_rows(model, pa.Table.from_batches([record_batch]))
+            queue.put((time.perf_counter(), output.num_rows))
+    queue.put(None)
+
+
+def processes(files: list[str], checkpoint: str, batch: int, count: int, threads: int) -> dict[str, float]:
+    """`count` processes, each every count-th row group of the files (so each gets an equal share)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    started = time.perf_counter()
+    workers = [context.Process(target=_process_share, args=(files, index, count, checkpoint, batch, threads, queue))
+               for index in range(count)]
+    for worker in workers:
+        worker.start()
+    arrivals, done = [], 0
+    while done < count:
+        item = queue.get()
+        if item is None:
+            done += 1
+        else:
+            arrivals.append(item)
+    for worker in workers:
+        worker.join()
+    return steady(arrivals, started, time.perf_counter())
 
 
 def job(files: list[str], checkpoint: str, settings: InferenceConfig, out: str) -> dict[str, float]:
@@ -87,20 +172,17 @@ def job(files: list[str], checkpoint: str, settings: InferenceConfig, out: str) 
         finished = time.perf_counter()
     finally:
         prediction_files.FileCollector.add = original
-    rows = sum(item.rows for item in inputs)
-    # Steady state: the rows that arrived after the first quarter did, over the time they took.
-    counts = np.cumsum([count for _, count in arrivals])
-    quarter = int(np.searchsorted(counts, rows / 4))
-    steady_rows = rows - counts[quarter]
-    return {"seconds": finished - started, "rows": rows, "images_per_second": rows / (finished - started),
-            "first_output_s": arrivals[0][0] - started,
-            "steady_images_per_second": steady_rows / max(finished - arrivals[quarter][0], 1e-9)}
+    return steady(arrivals, started, finished)
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values))}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", default="demo_run/split")
-    parser.add_argument("--pool", default="bench_out/stream_pool-80000-16")
+    parser.add_argument("--rows", type=int, default=80000, help="rows of the replicated pool")
     parser.add_argument("--files", type=int, default=3)
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--image-size", type=int, default=112)
@@ -108,13 +190,13 @@ def main() -> int:
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per actor")
     parser.add_argument("--cpus", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="bench_out/inference.json")
     arguments = parser.parse_args()
-    files = sorted(os.path.join(arguments.pool, name) for name in os.listdir(arguments.pool)
-                   if name.endswith(".parquet"))[:arguments.files]
-    if not files:
-        raise SystemExit(f"{arguments.pool}: no Parquet files; run bench/streaming.py first")
+    from streaming import make_pool
+
+    pool_folder = f"bench_out/stream_pool-{arguments.rows}-16"
+    files = make_pool(arguments.split, arguments.rows, 16, pool_folder)[:arguments.files]
     checkpoint = make_checkpoint(arguments.split, os.path.abspath("bench_out/runs"), arguments.backbone,
                                  arguments.image_size)
     from pipeline.data.ray_ingest import ensure_ray
@@ -125,17 +207,21 @@ def main() -> int:
     # holding every CPU starves them); the actors still run on every core.
     settings = InferenceConfig(batch_size=arguments.batch, actors=arguments.actors, threads=arguments.threads,
                                cpus_per_actor=arguments.cpus / 2 / arguments.actors)
-    results: dict[str, list] = {"bare": [], "job": []}
-    for repeat in range(arguments.repeats):
-        seconds, rows = bare(files, checkpoint, arguments.batch, arguments.cpus)
-        results["bare"].append(rows / seconds)
-        print(f"[{repeat}] bare  {rows / seconds:7.1f} img/s ({rows} images, {seconds:.1f} s)", flush=True)
-        torch.set_num_threads(1)
-        measured = job(files, checkpoint, settings, "bench_out/inference_out")
-        results["job"].append(measured)
-        print(f"[{repeat}] job   {measured['images_per_second']:7.1f} img/s end to end, "
-              f"{measured['steady_images_per_second']:7.1f} steady, first output "
-              f"{measured['first_output_s']:.1f} s", flush=True)
+    variants = {
+        "job": lambda: job(files, checkpoint, settings, "bench_out/inference_out"),
+        "overlapped": lambda: overlapped(files, checkpoint, arguments.batch, arguments.cpus),
+        "processes": lambda: processes(files, checkpoint, arguments.batch, arguments.actors, arguments.threads),
+        "serial": lambda: serial(files, checkpoint, arguments.batch, arguments.cpus),
+    }
+    results: dict[str, list] = {name: [] for name in variants}
+    for repeat in range(arguments.repeats):  # interleaved: machine drift hits every variant alike
+        for name, run in variants.items():
+            measured = run()
+            torch.set_num_threads(arguments.cpus)
+            results[name].append(measured)
+            print(f"[{repeat}] {name:10s} {measured['images_per_second']:7.1f} img/s end to end, "
+                  f"{measured['steady_images_per_second']:7.1f} steady, first output "
+                  f"{measured['first_output_s']:.1f} s ({measured['rows']} images)", flush=True)
 
     # Smoothing: every prediction as one table of videos (600-frame videos), timed alone.
     from pipeline.data import storage
@@ -150,14 +236,18 @@ def main() -> int:
     for _ in range(5):
         smoothing.smooth_by_video(videos, frames, predicted, 30, smoothing.CENTRED)
     smoothing_seconds = (time.perf_counter() - started) / 5
-    best_job = max(results["job"], key=lambda item: item["steady_images_per_second"])
+    figures = {name: {key: spread([item[key] for item in runs])
+                      for key in ("images_per_second", "steady_images_per_second", "first_output_s")}
+               for name, runs in results.items()}
+    # Ratios per repeat (each repeat's job against the same repeat's baseline), then their spread.
+    ratios = {f"job_over_{name}": {key: spread([job_run[key] / base[key]
+                                                for job_run, base in zip(results["job"], runs)])
+                                   for key in ("images_per_second", "steady_images_per_second")}
+              for name, runs in results.items() if name != "job"}
     summary = {
-        "bare_images_per_second": max(results["bare"]),
-        "job": best_job,
-        "ratio_steady_job_over_bare": best_job["steady_images_per_second"] / max(results["bare"]),
-        "ratio_end_to_end_job_over_bare": best_job["images_per_second"] / max(results["bare"]),
+        "figures": figures, "ratios": ratios,
         "smoothing_seconds": smoothing_seconds,
-        "smoothing_fraction_of_job": smoothing_seconds / best_job["seconds"],
+        "smoothing_fraction_of_job": smoothing_seconds / float(np.median([run["seconds"] for run in results["job"]])),
         "frames": count, "schema_frames_per_video": 600, "all": results, "settings": vars(arguments),
     }
     os.makedirs(os.path.dirname(arguments.out), exist_ok=True)
