@@ -89,6 +89,17 @@ RAY_FIXTURES = {"local_ray", "ray_head", "ray_with_dashboard"}
 RAY_MARKERS = {"ray", "s3"}
 
 
+def pytest_configure(config):
+    """Under pytest-xdist, one torch thread per test process (and per process it starts): two
+    workers of two threads each, plus the Ray workers of the Ray group, on 2 cores is
+    oversubscription, and the Ray group, the suite's long pole, pays for it."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): every test of a module in which
     any test uses Ray (its markers or fixtures) runs in one worker, one after another, so two local
