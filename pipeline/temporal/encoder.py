@@ -18,7 +18,7 @@ from torch.nn import functional
 from pipeline.config import check
 from pipeline.data import schema
 from pipeline.methods.base import Collectives
-from pipeline.training.loop import average_gradients
+from pipeline.training.gradients import average_gradients
 
 SINUSOIDAL = "sinusoidal"
 LEARNED = "learned"
