@@ -45,7 +45,6 @@ import torch.nn.functional as functional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.core import views  # noqa: E402
 from pipeline.data import schema  # noqa: E402
 from pipeline.inference.predict import FrameModel, predict_rows  # noqa: E402
 from pipeline.methods.base import Collectives, PendingReduction, TrainBatch, build_optimizer  # noqa: E402
@@ -331,25 +330,21 @@ class EmulatedWire(Collectives):
             with torch.cuda.stream(self.stream):
                 torch.cuda._sleep(int(seconds * self.cycles_per_second))
             wire = self.stream
-
-            class _Pending(PendingReduction):
-                def wait(self_inner) -> torch.Tensor:
-                    current.wait_stream(wire)
-                    return tensor
-
-            pending = _Pending(tensor)
+            arrived = _Waiter(lambda: current.wait_stream(wire))  # orders, does not block the host
         else:
             future = self.pool.submit(time.sleep, seconds)
-
-            class _Pending(PendingReduction):
-                def wait(self_inner) -> torch.Tensor:
-                    future.result()
-                    return tensor
-
-            pending = _Pending(tensor)
+            arrived = _Waiter(future.result)
+        pending = PendingReduction(tensor, arrived)
         if not self.overlapped:
             pending.wait()
         return pending
+
+
+class _Waiter:
+    """The `work` of a PendingReduction: `wait()` calls `function`."""
+
+    def __init__(self, function: Callable[[], Any]) -> None:
+        self.wait = function
 
 
 def phase_gradients(profile: Profile, device: torch.device, wire_gigabytes_per_second: float) -> dict[str, Any]:

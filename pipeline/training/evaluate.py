@@ -57,7 +57,7 @@ def predict_table(table: ImageTable, predict: Callable[[torch.Tensor], torch.Ten
     rows are gathered as one sum (each row is non-zero on one worker only), so every worker gets
     the whole table's probabilities in about 1/world_size of the time."""
     probabilities = np.zeros((len(table), schema.NUM_CLASSES), dtype=np.float32)
-    mine = np.arange(rank, len(table), world_size) if world_size > 1 else np.arange(len(table))
+    mine = np.arange(rank, len(table), world_size)
     for indices, images, ok in prepared_batches(table, mine, batch_size, prepare):
         if ok.any():
             output = predict(images[torch.from_numpy(ok).to(images.device)])

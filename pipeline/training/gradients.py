@@ -74,12 +74,17 @@ def reduce_in_place(tensors: list[torch.Tensor], reduce: Callable[[torch.Tensor]
 class _Bucket:
     parameters: list[torch.Tensor]
     carrier: torch.dtype
-    pending: int = 0
+    bytes: int = 0
     reduction: PendingReduction | None = None
     everywhere: torch.Tensor | None = None
     """The presence counts of a worker that has every gradient, made once on the device."""
     locally_missing: bool = False
     members: set[int] = field(default_factory=set)
+    """The parameters whose gradient has arrived this step; the bucket is ready when all have."""
+
+    @property
+    def ready(self) -> bool:
+        return len(self.members) == len(self.parameters)
 
 
 class OverlappedGradientAverage:
@@ -101,18 +106,15 @@ class OverlappedGradientAverage:
         limit = max(1, int(bucket_megabytes * 2**20))
         self.buckets: list[_Bucket] = []
         open_buckets: dict[tuple[torch.dtype, torch.device], _Bucket] = {}
-        sizes: dict[int, int] = {}
         # Reverse registration order: the output layers' gradients are ready first.
         for parameter in reversed(trainable):
             key = (carrier_dtype(parameter.dtype), parameter.device)
             bucket = open_buckets.get(key)
-            if bucket is None or sizes[id(bucket)] >= limit:
-                bucket = _Bucket([], key[0])
-                open_buckets[key] = bucket
-                sizes[id(bucket)] = 0
+            if bucket is None or bucket.bytes >= limit:
+                bucket = open_buckets[key] = _Bucket([], key[0])
                 self.buckets.append(bucket)
             bucket.parameters.append(parameter)
-            sizes[id(bucket)] += parameter.numel() * torch.empty((), dtype=key[0]).element_size()
+            bucket.bytes += parameter.numel() * key[0].itemsize
         self.bucket_of: dict[int, int] = {}
         for index, bucket in enumerate(self.buckets):
             bucket.everywhere = torch.ones(len(bucket.parameters), dtype=bucket.carrier,
@@ -135,7 +137,6 @@ class OverlappedGradientAverage:
 
     def _reset(self) -> None:
         for bucket in self.buckets:
-            bucket.pending = len(bucket.parameters)
             bucket.reduction = None
             bucket.locally_missing = False
             bucket.members = set()
@@ -147,14 +148,12 @@ class OverlappedGradientAverage:
         if bucket.reduction is not None:
             self.repeated = True  # accumulated after its bucket was sent: see the class docstring
             return
-        if id(parameter) in bucket.members:
-            return  # accumulated twice before the bucket left: it will carry the sum
+        # A second accumulation before the bucket left changes nothing here: it will carry the sum.
         bucket.members.add(id(parameter))
-        bucket.pending -= 1
         self._launch_ready()
 
     def _launch_ready(self) -> None:
-        while self.next_bucket < len(self.buckets) and self.buckets[self.next_bucket].pending == 0:
+        while self.next_bucket < len(self.buckets) and self.buckets[self.next_bucket].ready:
             self._launch(self.next_bucket)
 
     def _launch(self, index: int) -> None:
