@@ -24,8 +24,8 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
-# The quick loop while editing: no Ray, no S3 server, no learning-margin runs (about 2-3 minutes
-# on 2 cores; the full suite takes about 25). `make test` runs everything, these included.
+# The quick loop while editing: no Ray, no S3 server, no learning-margin runs (about 1-2 minutes
+# on 2 cores); `make test` runs everything, these included (23 minutes on 2 cores, 2026-12-02).
 test-fast: venv
 	$(BIN)/python -m pytest -q -n 2 -m "not ray and not s3 and not slow" $(PYTEST_ARGS)
 

@@ -20,7 +20,7 @@ fraction of the job's time.
 
     .venv/bin/python bench/inference.py [--split S] [--files 3] [--actors 2] [--threads 1] [--repeats 3]
 
-Frames: bench_out/stream_pool-<rows>-16 (made here from the split's pool, as `bench/streaming.py`
+Frames: bench_out/stream_pool-v2-<rows>-16 (made here from the split's pool, as `bench/streaming.py`
 makes it: 112 px JPEGs replicated); model: resnet18 at 112 px (the ABAW5 input size), trained for
 one step on the split so that a real checkpoint is loaded (weights do not change the cost).
 """
@@ -195,7 +195,7 @@ def main() -> int:
     arguments = parser.parse_args()
     from streaming import make_pool
 
-    pool_folder = f"bench_out/stream_pool-{arguments.rows}-16"
+    pool_folder = f"bench_out/stream_pool-v2-{arguments.rows}-16"
     files = make_pool(arguments.split, arguments.rows, 16, pool_folder)[:arguments.files]
     checkpoint = make_checkpoint(arguments.split, os.path.abspath("bench_out/runs"), arguments.backbone,
                                  arguments.image_size)

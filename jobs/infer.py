@@ -29,7 +29,7 @@ from pipeline.config import ConfigError
 from pipeline.core import smoothing
 from pipeline.data import schema, storage
 from pipeline.inference import submission
-from pipeline.inference.predict import load_frame_model
+from pipeline.inference.predict import load_frame_model, output_identity
 from pipeline.inference.prediction_files import RowFilter, input_files_from_folders
 from pipeline.inference.ray_inference import connect, run_predictions
 from pipeline.inference.videos import add_smoothed, in_frame_order, scores, write_videos
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs = input_files_from_folders(arguments.shards, row_filter)
     frames_out = storage.join(arguments.out, FRAMES_FOLDER)
     storage.remove(storage.join(arguments.out, MANIFEST))  # "complete" is only ever said last
-    identity = {"checkpoint": model.checkpoint, "run_id": model.run_id, "features": temporal is not None}
+    identity = output_identity(model, features=temporal is not None)
     counts = run_predictions(inputs, row_filter, model.checkpoint, frames_out, settings, identity,
                              with_features=temporal is not None)
     first_output = time.perf_counter() - started

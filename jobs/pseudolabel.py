@@ -25,7 +25,7 @@ from pipeline.config import ConfigError
 from pipeline.data import storage
 from pipeline.data.pseudo_labels import MANIFEST
 from pipeline.inference.config import InferenceConfig
-from pipeline.inference.predict import load_frame_model
+from pipeline.inference.predict import load_frame_model, output_identity
 from pipeline.inference.prediction_files import RowFilter, input_files_from_folders, input_files_from_pool
 from pipeline.inference.pseudo_labels import class_thresholds, mark_accepted, summarise
 from pipeline.inference.ray_inference import connect, run_predictions
@@ -83,9 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # A manifest means "complete": take it away before anything changes.
     storage.remove(storage.join(arguments.out, MANIFEST))
-    identity = {"checkpoint": model.checkpoint, "run_id": model.run_id,
-                "thresholds": [round(float(value), 9) for value in thresholds],
-                "inclusive": model.acceptance_inclusive}
+    identity = output_identity(model, thresholds=[round(float(value), 9) for value in thresholds],
+                               inclusive=model.acceptance_inclusive)
     counts = run_predictions(
         inputs, row_filter, model.checkpoint, arguments.out, settings, identity,
         finish=lambda table: mark_accepted(table, thresholds, model.run_id, model.acceptance_inclusive))

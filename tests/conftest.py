@@ -101,16 +101,18 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): every test of a module in which
-    any test uses Ray (its markers or fixtures) runs in one worker, one after another, so two local
-    Ray instances never compete for the 2 CPUs they each reserve and module fixtures are built once;
-    the other tests spread over both workers. Without xdist the group mark does nothing."""
+    """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): the tests of a module in which
+    any test uses Ray (its markers or fixtures) form one group, so they run one after another in
+    one worker and share the module's Ray and fixtures. Two such modules may run at once in the two
+    workers, each with its own local Ray (random ports; `ray_head` clusters stop by process group):
+    one serial queue of every Ray module was the suite's long pole while the other worker idled.
+    Without xdist the group mark does nothing."""
     ray_modules = {item.module.__name__ for item in items
                    if RAY_MARKERS & {mark.name for mark in item.iter_markers()}
                    or RAY_FIXTURES & set(getattr(item, "fixturenames", ()))}
     for item in items:
         if item.module.__name__ in ray_modules:
-            item.add_marker(pytest.mark.xdist_group("ray"))
+            item.add_marker(pytest.mark.xdist_group(f"ray-{item.module.__name__}"))
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -22,8 +22,8 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 PACKAGE = REPOSITORY / "pipeline"
 STAGE_ORDER = ("data", "core", "methods", "training", "inference", "temporal", "tuning")
 """Lower stages first; a module may import its own stage and the ones before it."""
-SHARED = {"pipeline", "pipeline.config", "pipeline.demo"}
-"""Importable from anywhere: the package root (version), typed configs, the demo corpus."""
+SHARED = {"pipeline", "pipeline.config", "pipeline.progress", "pipeline.demo"}
+"""Importable from anywhere: the package root (version), typed configs, progress lines, the demo corpus."""
 
 
 def module_name(path: Path) -> str:

@@ -7,13 +7,13 @@ Ray Data one in `pipeline.data.ray_ingest`. Nothing in this module imports ray.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from typing import Any, Callable, Iterable, Iterator
 
 from pipeline.data import shards, storage
 from pipeline.data.readers.base import SourceReader, SourceUnusable
 from pipeline.data.shards import skipped_records
+from pipeline.progress import Progress
 
 
 @dataclasses.dataclass
@@ -57,28 +57,24 @@ def run_sequentially(task: UnitTask, units: list[Any]) -> Iterator[UnitResult]:
         yield task(index, unit)
 
 
-class Progress:
-    """One line per finished unit: how far, how fast, how much skipped."""
+class IngestProgress:
+    """Units done of the total, with the rows, megabytes and skipped records so far (a bar on a
+    terminal, a line every 30 s and at the end in a log; `pipeline.progress`)."""
 
     def __init__(self, label: str, total_units: int, stream=None) -> None:
-        self.label = label
-        self.total_units = total_units
-        self.stream = stream  # None: whatever sys.stderr is when a line is printed
-        self.started = time.perf_counter()
-        self.done = self.rows = self.bytes = self.skipped = 0
+        self.progress = Progress(label, total_units, "units", stream=stream)
+        self.rows = self.bytes = self.skipped = 0
 
     def update(self, result: UnitResult) -> None:
-        self.done += 1
         self.rows += result.rows
         self.bytes += result.bytes
         self.skipped += skipped_records(result.skipped)
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        print(
-            f"[{self.label}] {self.done}/{self.total_units} units  {self.rows:,} rows  "
-            f"{self.bytes / 1e6:,.1f} MB  {self.skipped:,} skipped  "
-            f"{self.rows / elapsed:,.0f} rows/s  {self.bytes / 1e6 / elapsed:,.1f} MB/s",
-            file=self.stream or sys.stderr, flush=True,
-        )
+        elapsed = max(time.monotonic() - self.progress.started, 1e-9)
+        self.progress.advance(1, rows=self.rows, MB=round(self.bytes / 1e6, 1), skipped=self.skipped,
+                              **{"rows/s": round(self.rows / elapsed)})
+
+    def close(self) -> None:
+        self.progress.close()
 
 
 class TooManySkipped(SourceUnusable):
@@ -101,12 +97,14 @@ def ingest(reader: SourceReader, out: str, executor: Executor = run_sequentially
     plan = reader.plan()
     shards.begin_output(folder)
     task = UnitTask(reader, folder, max_file_bytes, row_group_bytes)
-    tracker = Progress(f"ingest {reader.source}", len(plan.units)) if progress else None
+    tracker = IngestProgress(f"ingest {reader.source}", len(plan.units)) if progress else None
     results: list[UnitResult] = []
     for result in executor(task, plan.units):
         results.append(result)
         if tracker:
             tracker.update(result)
+    if tracker:
+        tracker.close()
     results.sort(key=lambda result: result.index)
     files = [entry for result in results for entry in result.files]
     skipped = [skip.to_dict() for skip in plan.skipped]

@@ -31,12 +31,11 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = True, dashboard: bool 
     if not os.environ.get("RAY_ADDRESS"):
         options["num_cpus"] = num_cpus
         options["include_dashboard"] = dashboard
-        # Workers inherit the driver's environment (S3 endpoint, credentials) on a local Ray;
-        # on a cluster the job's runtime_env carries them.
-        environment = {key: value for key, value in os.environ.items()
-                       if key.startswith("AWS_")}
-        if environment:
-            options["runtime_env"] = {"env_vars": environment}
+        # Only this machine may reach a local dashboard (its job API runs code).
+        options["dashboard_host"] = "127.0.0.1"
+        # No runtime_env here: a local Ray's workers inherit this process's environment (the S3
+        # endpoint and credentials among it), and a runtime_env would copy secrets into Ray's
+        # job table, its logs and the dashboard. On a cluster, credentials come from the nodes.
     ray.init(**options)
 
 

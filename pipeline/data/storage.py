@@ -19,19 +19,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
+from pipeline.data import retry
+
 
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
 def storage_options(uri: str) -> dict[str, Any]:
-    """fsspec options for `uri`: for s3 the endpoint override and no listing cache.
+    """fsspec options for `uri`: for s3 the endpoint override, no listing cache, and botocore's
+    per-request retries of the project's policy (`retry.BOTOCORE_RETRIES`).
 
     The listing cache is off because jobs list folders they have just written (re-runs, manifest
     clean-up) and a stale listing would hide or resurrect files.
     """
     if uri.startswith(("s3://", "s3a://")):
-        options: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": True}
+        options: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": True,
+                                   "config_kwargs": {"retries": dict(retry.BOTOCORE_RETRIES)}}
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             options["client_kwargs"] = {"endpoint_url": endpoint}
@@ -70,19 +74,21 @@ def is_dir(uri: str) -> bool:
 def list_dir(uri: str) -> list[str]:
     """Base names of the entries directly under `uri` (files and folders), sorted."""
     fs, path = filesystem(uri)
-    names = [posixpath.basename(entry.rstrip("/")) for entry in fs.ls(path, detail=False)]
+    entries = retry.call(lambda: fs.ls(path, detail=False), f"listing {uri}")
+    names = [posixpath.basename(entry.rstrip("/")) for entry in entries]
     return sorted(name for name in names if name)
 
 
 def size(uri: str) -> int:
     fs, path = filesystem(uri)
-    return int(fs.size(path))
+    return int(retry.call(lambda: fs.size(path), f"size of {uri}"))
 
 
 def read_bytes(uri: str, start: int | None = None, end: int | None = None) -> bytes:
-    """Whole file, or the byte range [start, end) of it (one ranged GET on S3)."""
+    """Whole file, or the byte range [start, end) of it (one ranged GET on S3), with transient
+    errors retried under the project's policy (`retry`)."""
     fs, path = filesystem(uri)
-    return fs.cat_file(path, start=start, end=end)
+    return retry.call(lambda: fs.cat_file(path, start=start, end=end), f"reading {uri}")
 
 
 def read_text(uri: str, encoding: str = "utf-8") -> str:
@@ -99,7 +105,7 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     if parent:
         fs.makedirs(parent, exist_ok=True)
     if is_remote(uri):
-        fs.pipe_file(path, data)
+        retry.call(lambda: fs.pipe_file(path, data), f"writing {uri}")  # a repeated PUT is harmless
         return
     temporary = f"{path}.tmp-{uuid.uuid4().hex}"
     with open(temporary, "wb") as handle:
@@ -132,10 +138,13 @@ class ChecksumWriter:
     """A write-only file wrapper that CRC-32s and counts the bytes as they go out.
 
     Checksumming on the way out avoids reading every shard back; pyarrow writes through it.
+    A `durable` (local) file is fsynced on close: a manifest written after its parts must not
+    outlive them in a power loss. An S3 object is durable once its upload completes on close.
     """
 
-    def __init__(self, handle) -> None:
+    def __init__(self, handle, durable: bool = False) -> None:
         self._handle = handle
+        self._durable = durable
         self.crc32 = 0
         self.bytes_written = 0
         self.closed = False
@@ -164,6 +173,9 @@ class ChecksumWriter:
 
     def close(self) -> None:
         if not self.closed:
+            if self._durable:
+                self._handle.flush()
+                os.fsync(self._handle.fileno())
             self._handle.close()
             self.closed = True
 
@@ -177,7 +189,7 @@ def open_for_write(uri: str) -> ChecksumWriter:
     parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    return ChecksumWriter(fs.open(path, "wb"))
+    return ChecksumWriter(fs.open(path, "wb"), durable=not is_remote(uri))
 
 
 def file_checksum(uri: str, chunk_bytes: int = 16 << 20) -> str:

@@ -6,9 +6,12 @@ predicted label, confidence and optionally pooled features per row). No Ray here
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -77,6 +80,31 @@ class FrameModel:
         """The class thresholds the method held when saved (None for methods without them)."""
         thresholds = self.method.thresholds()
         return thresholds.detach().cpu().double().numpy() if thresholds is not None else None
+
+    @functools.cached_property
+    def weights_digest(self) -> str:
+        """SHA-256 of the evaluation network's parameters and buffers (names, dtypes, shapes,
+        bytes), and of the settings that shape its input (backbone, image size, resize, precision):
+        the same digest means the same predictions, wherever the checkpoint lies; a network
+        retrained to the same path gets a new one."""
+        digest = hashlib.sha256()
+        options = {"backbone": self.config.model.backbone, "image_size": self.config.data.image_size,
+                   "resize": self.config.data.resize, "precision": self.config.run.precision,
+                   "method": self.config.method}
+        digest.update(json.dumps(options, sort_keys=True).encode())
+        for name, tensor in sorted(self.network.state_dict().items()):
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+
+def output_identity(model: FrameModel, **options: Any) -> dict[str, Any]:
+    """What a resumable output (predictions, pseudo labels, features) is keyed by: the network's
+    weights digest and every other option that changes the rows (features on, thresholds, the
+    acceptance rule). Not the checkpoint's path: a run retrained in place must not reuse outputs
+    of the old network, and a moved checkpoint may reuse its own."""
+    return {"weights": model.weights_digest, **options}
 
 
 def load_frame_model(uri: str, device: str | torch.device = "cpu") -> FrameModel:

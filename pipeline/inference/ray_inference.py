@@ -18,6 +18,7 @@ from pipeline.data import schema, storage
 from pipeline.inference.config import InferenceConfig, pool_shortfall, with_accelerators
 from pipeline.inference.predict import FrameModel, load_frame_model, predict_rows
 from pipeline.inference.prediction_files import PATH_COLUMN, FileCollector, InputFile, RowFilter, is_done
+from pipeline.progress import Progress
 
 READ_COLUMNS = [schema.SAMPLE_ID, schema.IMAGE, schema.SOURCE, schema.SPLIT, schema.VIDEO,
                 schema.FRAME, schema.LABEL]
@@ -152,11 +153,12 @@ def run_predictions(inputs: list[InputFile], row_filter: RowFilter, checkpoint: 
               f"{len(empty)} without rows", flush=True)
     if streaming:
         dataset = prediction_dataset(streaming, row_filter, checkpoint, settings, with_features)
+        tracker = Progress("predict", sum(item.rows for item in streaming), "rows") if progress else None
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):
-            before = len(collector.written)
             collector.add(batch)
-            if progress and len(collector.written) > before:
-                print(f"[predict] {len(collector.written)}/{len(streaming)} files written",
-                      flush=True)
+            if tracker:
+                tracker.advance(batch.num_rows, files=f"{len(collector.written)}/{len(streaming)}")
+        if tracker:
+            tracker.close()
     collector.check_complete(pending)
     return {"predicted_files": len(streaming), "skipped_done_files": skipped, "empty_files": len(empty)}

@@ -26,7 +26,7 @@ def extract_and_fit(config: Any) -> dict[str, Any]:
     of the Aff-Wild2 train and validation frames (Ray Data; files done before by the same model are
     kept), then the encoder trained on them (resuming its run). Ray must be up (`connect`).
     Returns the run's metrics.json."""
-    from pipeline.inference.predict import load_frame_model
+    from pipeline.inference.predict import load_frame_model, output_identity
     from pipeline.inference.prediction_files import RowFilter, input_files_from_folders
     from pipeline.inference.ray_inference import run_predictions
 
@@ -34,7 +34,7 @@ def extract_and_fit(config: Any) -> dict[str, Any]:
     row_filter = RowFilter(sources=[schema.AFFWILD2], splits=[schema.TRAIN, schema.VALIDATION])
     inputs = input_files_from_folders([config.shards], row_filter)
     features_out = storage.absolute(config.features_folder)
-    identity = {"checkpoint": frame_model.checkpoint, "run_id": frame_model.run_id, "features": True}
+    identity = output_identity(frame_model, features=True)
     run_predictions(inputs, row_filter, frame_model.checkpoint, features_out, config.inference, identity,
                     with_features=True)
     uris = [storage.join(features_out, item.relative) for item in inputs if item.rows > 0]

@@ -57,12 +57,17 @@ class DataConfig:
     """Rows per Ray Data decode task call (ray_data reader)."""
     decode_cpus: float = 1.0
     """CPUs each Ray Data decode task reserves (ray_data reader)."""
+    max_undecodable_fraction: float = 0.01
+    """The run fails, naming examples, once more than this share of the images drawn for training
+    (labeled and unlabeled) did not decode; they are dropped from batches until then."""
 
     def __post_init__(self) -> None:
         typed.check(self.unlabeled_reader in ("auto", "in_process", "ray_data"), "data.unlabeled_reader",
                     "auto, in_process or ray_data")
         typed.check(self.decode_batch >= 1, "data.decode_batch", "must be at least 1")
         typed.check(self.decode_cpus > 0, "data.decode_cpus", "must be positive")
+        typed.check(0.0 <= self.max_undecodable_fraction <= 1.0, "data.max_undecodable_fraction",
+                    "must be between 0 and 1")
         typed.check(self.image_size >= 16, "data.image_size", "must be at least 16")
         typed.check(self.resize is None or self.resize >= self.image_size, "data.resize",
                     "must be at least data.image_size")
@@ -119,13 +124,18 @@ class RunConfig:
     networks the optimizers train are compiled in place after the method is built (so after the
     EMA copy), which keeps their state dicts and checkpoints unchanged."""
     log_every_steps: int = 100
-    """Every this many steps, rank 0 prints a progress line (losses so far, images/s, the epoch's
-    ETA) and a non-finite loss stops the run; the only times a step's values are read back to the
-    host before the epoch ends. 0: at the end of each epoch only."""
+    """Every this many steps, rank 0 prints a progress line (step/total, the mean loss so far,
+    images/s, the epoch's ETA, the pseudo-label acceptance so far) and a non-finite loss stops the
+    run; with `log_every_seconds`, the only times a step's values are read back to the host before
+    the epoch ends. 0: off."""
+    log_every_seconds: float = 30.0
+    """Also print that line when this many seconds passed since the last one (a real epoch is
+    thousands of steps; a log must show the run is alive). 0: off."""
 
     def __post_init__(self) -> None:
         typed.check(self.epochs >= 1, "run.epochs", "must be at least 1")
         typed.check(self.log_every_steps >= 0, "run.log_every_steps", "must be >= 0")
+        typed.check(self.log_every_seconds >= 0, "run.log_every_seconds", "must be >= 0")
         typed.check(self.steps_per_epoch >= 1, "run.steps_per_epoch", "must be at least 1")
         typed.check(self.device in ("auto", "cpu", "cuda"), "run.device", "auto, cpu or cuda")
         typed.check(self.precision in ("fp32", "bf16"), "run.precision", "fp32 or bf16")

@@ -78,7 +78,7 @@ def read_validation(split_dir: str) -> ImageTable:
     return read_shard_folder(storage.join(split_dir, split.VALIDATION))
 
 
-PoolRow = tuple[bytes, int, int]
+PoolRow = tuple[bytes, int, int, str]  # image, hidden label, source index, sample id
 """One unlabeled-pool row as the stream hands it out: image bytes, hidden label, source index."""
 
 
@@ -134,7 +134,8 @@ class UnlabeledStream:
         buffer: list[PoolRow] = []
         for table in self._record_batches(pass_number):
             buffer.extend(zip(table[schema.IMAGE].to_pylist(), table[schema.LABEL].to_pylist(),
-                              schema.source_indices(table[schema.SOURCE].to_pylist()).tolist()))
+                              schema.source_indices(table[schema.SOURCE].to_pylist()).tolist(),
+                              table[schema.SAMPLE_ID].to_pylist()))
             if len(buffer) >= self.shuffle_buffer:
                 for index in rng.permutation(len(buffer)):
                     yield buffer[index]
@@ -157,14 +158,15 @@ class UnlabeledStream:
             self.emitted = 0
             self._skip = 0
 
-    def take(self, count: int) -> tuple[list[bytes], np.ndarray, np.ndarray]:
-        """The next `count` rows: their image bytes, hidden labels (-1: none known) and source
-        indices (`schema.SOURCES`). The labels are for measuring pseudo labels, never training."""
+    def take(self, count: int) -> tuple[list[bytes], np.ndarray, np.ndarray, list[str]]:
+        """The next `count` rows: their image bytes, hidden labels (-1: none known), source
+        indices (`schema.SOURCES`) and sample ids. The labels are for measuring pseudo labels,
+        never training."""
         if self._iterator is None:
             self._iterator = self._rows()
         rows = [next(self._iterator) for _ in range(count)]
         return ([row[0] for row in rows], np.array([row[1] for row in rows], np.int64),
-                np.array([row[2] for row in rows], np.int64))
+                np.array([row[2] for row in rows], np.int64), [row[3] for row in rows])
 
     def state_dict(self) -> dict[str, int]:
         return {"pass_number": self.pass_number, "emitted": self.emitted}

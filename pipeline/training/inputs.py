@@ -33,7 +33,12 @@ class PreparedUnlabeled:
     pixels: np.ndarray
     hidden_labels: np.ndarray
     sources: np.ndarray
-    undecodable: int
+    undecodable_ids: list[str]
+    """Sample ids of the rows drawn for the step that did not decode (dropped from `pixels`)."""
+
+    @property
+    def undecodable(self) -> int:
+        return len(self.undecodable_ids)
 
 
 @dataclass
@@ -43,7 +48,8 @@ class CpuBatch:
     labeled: np.ndarray
     labels: np.ndarray
     unlabeled: PreparedUnlabeled | None
-    undecodable: int
+    undecodable_ids: list[str]
+    """Sample ids of the step's labeled and unlabeled rows that did not decode."""
     host: dict[str, torch.Tensor]
     """The arrays as host tensors for the copy to the device (pinned for a GPU), made by the
     prefetch thread: labeled, labels, and with unlabeled rows unlabeled, hidden_labels, sources."""
@@ -84,6 +90,42 @@ def evaluation_tensor(images: list[bytes], data: DataConfig, device: torch.devic
     return views.to_float(tensor, weak.mean, weak.std, weak.channels_last), ok
 
 
+class UndecodableImages(ValueError):
+    """Too many of the images drawn for training did not decode: the run stops (see DecodeGuard)."""
+
+
+class DecodeGuard:
+    """Counts the images a worker drew for training and those that did not decode, and fails the
+    run once more than `max_fraction` of them failed: undecodable rows are dropped from batches,
+    so a pool that stopped decoding would otherwise turn an SSL run into supervised training,
+    visible only as an empty acceptance rate. `check` runs after every step once `min_images` were
+    drawn (a few bad images early on must not end a run) and at each epoch's end whatever the count.
+    """
+
+    def __init__(self, max_fraction: float, min_images: int = 1000, examples: int = 10) -> None:
+        self.max_fraction = max_fraction
+        self.min_images = min_images
+        self.attempted = 0
+        self.failed = 0
+        self.examples: list[str] = []
+        self._keep = examples
+
+    def add(self, decoded: int, failed_ids: list[str]) -> None:
+        self.attempted += decoded + len(failed_ids)
+        self.failed += len(failed_ids)
+        self.examples += failed_ids[:max(0, self._keep - len(self.examples))]
+        if self.attempted >= self.min_images:
+            self.check()
+
+    def check(self) -> None:
+        if self.failed and self.failed > self.max_fraction * self.attempted:
+            raise UndecodableImages(
+                f"{self.failed:,} of {self.attempted:,} images drawn for training did not decode "
+                f"({self.failed / self.attempted:.1%}, more than data.max_undecodable_fraction="
+                f"{self.max_fraction:g}); for example: {', '.join(self.examples)}. Check the shards "
+                "(jobs.ingest --full-decode skips such records with their reason) or raise the limit.")
+
+
 class UnlabeledSource(abc.ABC):
     """Where a step's unlabeled images come from, already decoded and cropped (uint8 NHWC): read
     and decoded in this process (`DecodedStream`), or streamed from Ray Data workers that did the
@@ -112,10 +154,10 @@ class DecodedStream(UnlabeledSource):
 
     def take_prepared(self, count: int, weak_view: views.WeakView, rng: np.random.Generator
                       ) -> PreparedUnlabeled:
-        encoded, hidden_labels, sources = self.stream.take(count)
+        encoded, hidden_labels, sources, sample_ids = self.stream.take(count)
         images, ok = weak_view.decode(encoded)
         return PreparedUnlabeled(weak_view.geometry(images[ok], rng), hidden_labels[ok], sources[ok],
-                                 int((~ok).sum()))
+                                 [sample_id for sample_id, good in zip(sample_ids, ok) if not good])
 
     def state_dict(self) -> dict[str, int]:
         return self.stream.state_dict()
@@ -128,6 +170,8 @@ PREPARED_PIXELS = "pixels"
 PREPARED_OK = "decoded"
 PREPARED_HIDDEN_LABEL = "hidden_label"
 PREPARED_SOURCE = "source_index"
+PREPARED_FAILED_ID = "undecodable_id"
+"""The sample id of a row that did not decode, "" for one that did (so a worker can name them)."""
 
 
 class PoolViews:
@@ -156,7 +200,7 @@ class PoolViews:
         if table.num_rows == 0:
             return {PREPARED_PIXELS: np.zeros((0, size, size, 3), np.uint8),
                     PREPARED_OK: np.zeros(0, bool), PREPARED_HIDDEN_LABEL: np.zeros(0, np.int64),
-                    PREPARED_SOURCE: np.zeros(0, np.int64)}
+                    PREPARED_SOURCE: np.zeros(0, np.int64), PREPARED_FAILED_ID: np.zeros(0, object)}
         # Random crops seeded by the batch's first id: reproducible for a given block, different
         # between blocks, with no state shared between Ray Data tasks.
         first = str(table[schema.SAMPLE_ID][0].as_py()).encode()
@@ -165,9 +209,12 @@ class PoolViews:
         pixels = np.zeros((table.num_rows, size, size, 3), np.uint8)
         if ok.any():
             pixels[ok] = self.weak_view.geometry(decoded[ok], rng)
+        failed_ids = np.array([str(sample_id) if not good else "" for sample_id, good
+                               in zip(table[schema.SAMPLE_ID].to_pylist(), ok)], dtype=object)
         return {PREPARED_PIXELS: pixels, PREPARED_OK: ok,
                 PREPARED_HIDDEN_LABEL: table[schema.LABEL].to_numpy().astype(np.int64),
-                PREPARED_SOURCE: schema.source_indices(table[schema.SOURCE].to_pylist())}
+                PREPARED_SOURCE: schema.source_indices(table[schema.SOURCE].to_pylist()),
+                PREPARED_FAILED_ID: failed_ids}
 
 
 class InputPipeline:
@@ -197,25 +244,25 @@ class InputPipeline:
         labeled = self.weak_view.geometry(decoded[ok], self.rng)
         labels = self.labeled.labels[indices][ok]
         unlabeled = None
-        undecodable = int((~ok).sum())
+        undecodable_ids = [self.labeled.sample_ids[index] for index in indices[~ok].tolist()]
         if self.unlabeled_per_step:
             unlabeled = self.unlabeled.take_prepared(self.unlabeled_per_step, self.weak_view, self.rng)
-            undecodable += unlabeled.undecodable
+            undecodable_ids += unlabeled.undecodable_ids
         host = {"labeled": labeled, "labels": labels}
         if unlabeled is not None and len(unlabeled.pixels):
             host.update(unlabeled=unlabeled.pixels, hidden_labels=unlabeled.hidden_labels,
                         sources=unlabeled.sources)
         host = {name: devices.host_tensor(array, self.device) for name, array in host.items()}
-        return CpuBatch(labeled, labels, unlabeled, undecodable, host)
+        return CpuBatch(labeled, labels, unlabeled, undecodable_ids, host)
 
     def prefetch(self, indices: np.ndarray) -> None:
         self._pending = self._pool.submit(self._prepare, indices)
         self._pending_indices = indices
 
     def next(self, indices: np.ndarray, following: np.ndarray | None
-             ) -> tuple[TrainBatch, int, HiddenLabels | None]:
-        """The batch for `indices` on the device, its undecodable count and the hidden labels of
-        its unlabeled rows; starts preparing `following` meanwhile."""
+             ) -> tuple[TrainBatch, list[str], HiddenLabels | None]:
+        """The batch for `indices` on the device, the sample ids of its rows that did not decode
+        and the hidden labels of its unlabeled rows; starts preparing `following` meanwhile."""
         if self._pending is not None and self._pending_indices is indices:
             cpu = self._pending.result()
         else:
@@ -226,7 +273,7 @@ class InputPipeline:
         hidden = None
         if cpu.unlabeled is not None and len(cpu.unlabeled.pixels):
             hidden = HiddenLabels(self._send(cpu, "hidden_labels"), self._send(cpu, "sources"))
-        return self.to_device(cpu), cpu.undecodable, hidden
+        return self.to_device(cpu), cpu.undecodable_ids, hidden
 
     def _send(self, cpu: CpuBatch, name: str) -> torch.Tensor:
         """One of the batch's host arrays on the device, queued without waiting (see core.devices)."""

@@ -25,12 +25,13 @@ from pipeline.data import schema, storage
 from pipeline.data.pseudo_labels import read_accepted
 from pipeline.data.sampler import ClassBalancedSampler
 from pipeline.methods.base import Collectives, Method, MethodContext, StepResult, TrainBatch
+from pipeline.progress import format_seconds
 from pipeline.training import checkpoint
 from pipeline.training.config import TrainConfig, to_mapping
 from pipeline.training.data import ImageTable, UnlabeledStream, read_labeled, read_validation
 from pipeline.training.gradients import OverlappedGradientAverage, average_gradients, reduce_in_place
 from pipeline.training.evaluate import REPORT, SELECTION, predict_table, prepared_batches, validation_report
-from pipeline.training.inputs import DecodedStream, InputPipeline, UnlabeledSource
+from pipeline.training.inputs import DecodeGuard, DecodedStream, InputPipeline, UnlabeledSource
 from pipeline.training.tensorboard import TensorBoardLog
 
 METRICS_LINES = "metrics.jsonl"
@@ -233,6 +234,7 @@ class Trainer:
                                             seed, rank=rank, world_size=world_size)
         self.inputs = InputPipeline(config.data, needs, self.training_set, self.unlabeled, self.device,
                                     seed * 1000 + rank)
+        self.decode_guard = DecodeGuard(config.data.max_undecodable_fraction)
         self.epoch = 0
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
@@ -316,14 +318,21 @@ class Trainer:
         started = time.perf_counter()
         self.inputs.prefetch(batches[0])
         every = self.config.run.log_every_steps
+        every_seconds = self.config.run.log_every_seconds
+        last_line = started
         for number, batch_indices in enumerate(batches):
             following = batches[number + 1] if number + 1 < len(batches) else None
             self.train_step(batch_indices, following, totals)
-            if every and totals.steps % every == 0 and totals.steps < len(batches):
+            now = time.perf_counter()
+            due = ((every and totals.steps % every == 0)
+                   or (every_seconds and now - last_line >= every_seconds))
+            if due and totals.steps < len(batches):
+                last_line = now
                 values = totals.read_values()  # raises on a non-finite loss
                 if self.rank == 0:
-                    _log_progress(self.epoch, totals, len(batches), values, time.perf_counter() - started)
+                    _log_progress(self.epoch, totals, len(batches), values, now - started)
         totals.seconds = time.perf_counter() - started
+        self.decode_guard.check()  # at each epoch's end, however few images were drawn
         return totals
 
     def train_step(self, batch_indices: np.ndarray, following: np.ndarray | None, totals: EpochTotals) -> None:
@@ -332,7 +341,7 @@ class Trainer:
         back to the host, so on a GPU the host queues the next step while this one runs (the
         sync-free test runs it on the `meta` device, where any such read fails)."""
         waited = time.perf_counter()
-        batch, undecodable, hidden = self.inputs.next(batch_indices, following)
+        batch, undecodable_ids, hidden = self.inputs.next(batch_indices, following)
         totals.input_seconds += time.perf_counter() - waited
         if self.step_observer:
             self.step_observer.before_step(self, batch)
@@ -345,9 +354,10 @@ class Trainer:
         totals.add_values(result.values, self.global_step)
         self.global_step += 1
         totals.steps += 1
-        totals.undecodable += undecodable
-        totals.images += len(batch.labels) + (len(batch.unlabeled_weak)
-                                              if batch.unlabeled_weak is not None else 0)
+        decoded = len(batch.labels) + (len(batch.unlabeled_weak) if batch.unlabeled_weak is not None else 0)
+        totals.undecodable += len(undecodable_ids)
+        totals.images += decoded
+        self.decode_guard.add(decoded, undecodable_ids)
         totals.forward_images += self.method.forward_images(batch)
 
     @torch.no_grad()
@@ -554,9 +564,14 @@ def _log_progress(epoch: int, totals: EpochTotals, steps: int, values: dict[str,
     """A line within an epoch: where it is, the mean loss so far, the rate and the time left."""
     rate = totals.steps / max(seconds, 1e-9)
     left = (steps - totals.steps) / max(rate, 1e-9)
+    counts = totals.pseudo_label_counts
+    candidates = int(counts.sum())
+    accepted = int(counts[:, :, :schema.NUM_CLASSES].sum()) if candidates else 0
+    acceptance = f"  accepted {accepted / candidates:.2f}" if candidates else ""
     print(f"[train] epoch {epoch + 1} step {totals.steps}/{steps}  "
           f"loss {values.get('loss', float('nan')) / max(1, totals.steps):.4f}  "
-          f"{totals.images / max(seconds, 1e-9):.0f} img/s  epoch ETA {left:.0f} s", flush=True)
+          f"{totals.images / max(seconds, 1e-9):.0f} img/s  epoch ETA {format_seconds(left)}{acceptance}",
+          flush=True)
 
 
 def _log(record: dict[str, Any]) -> None:

@@ -34,8 +34,8 @@ from pipeline.data import schema, split, storage
 from pipeline.training import checkpoint
 from pipeline.training.distributed import TorchCollectives
 from pipeline.training.config import DataConfig, TrainConfig, load_config, to_mapping
-from pipeline.training.inputs import (PREPARED_HIDDEN_LABEL, PREPARED_OK, PREPARED_PIXELS, PREPARED_SOURCE,
-                                      PoolViews, PreparedUnlabeled, UnlabeledSource)
+from pipeline.training.inputs import (PREPARED_FAILED_ID, PREPARED_HIDDEN_LABEL, PREPARED_OK, PREPARED_PIXELS,
+                                      PREPARED_SOURCE, PoolViews, PreparedUnlabeled, UnlabeledSource)
 from pipeline.training.loop import WORKER_STATE_KEYS, StepObserver, Trainer
 
 WORKER_CHECKPOINT_FOLDER = "workers"
@@ -334,7 +334,8 @@ class StreamedUnlabeled(UnlabeledSource):
         batch = self.next_batch()
         decoded = batch[PREPARED_OK].astype(bool)
         return PreparedUnlabeled(batch[PREPARED_PIXELS][decoded], batch[PREPARED_HIDDEN_LABEL][decoded],
-                                 batch[PREPARED_SOURCE][decoded], int((~decoded).sum()))
+                                 batch[PREPARED_SOURCE][decoded],
+                                 [str(sample_id) for sample_id in batch[PREPARED_FAILED_ID][~decoded]])
 
     def state_dict(self) -> dict[str, int]:
         return {"pass_number": self.pass_number, "batches": self.batches}

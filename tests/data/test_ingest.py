@@ -177,6 +177,21 @@ def test_checksum_writer_matches_a_read_back(tmp_path):
     assert storage.file_checksum(uri) == sink.checksum
 
 
+def test_a_local_shard_is_fsynced_before_it_counts_as_written(tmp_path, monkeypatch):
+    # The manifest comes after the parts; without an fsync a power loss can keep the manifest and
+    # lose the parts' bytes. Record which files were fsynced, by their inode, at close.
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda descriptor: (synced.append(os.fstat(descriptor).st_ino),
+                                                         real_fsync(descriptor)))
+    uri = str(tmp_path / "part-00.parquet")
+    sink = storage.open_for_write(uri)
+    sink.write(b"rows")
+    assert synced == []
+    sink.close()
+    assert synced == [os.stat(uri).st_ino]
+
+
 @pytest.mark.ray
 def test_ray_data_executor_matches_sequential(tmp_path, local_ray):
     from pipeline.data.ray_ingest import RayDataExecutor

@@ -208,3 +208,26 @@ def test_rerun_rewrites_in_place_and_removes_stale_parts(tmp_path):
     again = ingest.ingest(Ms1mv2Reader(str(tmp_path / "rec")), str(tmp_path / "out"), progress=False)
     assert [(f.path, f.rows, f.checksum) for f in again.files] == \
         [(f.path, f.rows, f.checksum) for f in second.files]
+
+
+def test_index_lookup_matches_a_dictionary_of_the_index():
+    # The oracle is what the reader used before: dicts built in .idx order (the last line of a
+    # repeated key wins) and each record's limit as the next offset in file order.
+    rng = np.random.default_rng(3)
+    keys = rng.permutation(np.arange(0, 5000, dtype=np.int64))[:3000]
+    keys = np.concatenate([keys, keys[:40]])  # 40 keys listed twice
+    offsets = rng.permutation(np.arange(keys.size, dtype=np.int64)) * 100 + 8
+    file_size = int(offsets.max()) + 77
+    order = np.argsort(offsets, kind="stable")
+    limit_at = dict(zip(order.tolist(), np.append(offsets[order][1:], file_size).tolist()))
+    offset_of, limit_of = {}, {}
+    for line, key in enumerate(keys.tolist()):
+        offset_of[key], limit_of[key] = int(offsets[line]), limit_at[line]
+    index = ms1mv2_module.IndexLookup(keys, offsets, file_size)
+    wanted = np.arange(-3, 5003, dtype=np.int64)
+    present, found_offsets, found_limits = index.find(wanted)
+    assert present.tolist() == [key in offset_of for key in wanted.tolist()]
+    assert found_offsets[present].tolist() == [offset_of[key] for key in wanted[present].tolist()]
+    assert found_limits[present].tolist() == [limit_of[key] for key in wanted[present].tolist()]
+    empty = ms1mv2_module.IndexLookup(np.zeros(0, np.int64), np.zeros(0, np.int64), 0)
+    assert empty.find(np.array([1, 2]))[0].tolist() == [False, False]

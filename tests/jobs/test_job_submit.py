@@ -90,7 +90,7 @@ def test_ingest_job_runs_under_ray_job_submit(ray_head, corpus, tmp_path):
     assert size_mib < MAX_UPLOAD_MIB, f"{size_mib:.1f} MiB: {sorted(working_dir.iterdir())}"
 
     images = corpus.counts[schema.MS1MV2]
-    assert re.search(rf"\[ingest {schema.MS1MV2}\] (\d+)/\1 units  {images:,} rows", logs), logs
+    assert re.search(rf"\[ingest {schema.MS1MV2}\] (\d+)/\1 units .*  rows {images:,}  ", logs), logs
     manifest = json.loads((out / schema.MS1MV2 / "_manifest.json").read_text())
     assert manifest["source"] == schema.MS1MV2
     assert manifest["rows"] == images

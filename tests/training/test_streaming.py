@@ -13,8 +13,8 @@ import pytest
 
 from pipeline.data import schema, split
 from pipeline.training.config import DataConfig, load_config
-from pipeline.training.inputs import (PREPARED_HIDDEN_LABEL, PREPARED_OK, PREPARED_PIXELS, PREPARED_SOURCE,
-                                      PoolViews)
+from pipeline.training.inputs import (PREPARED_FAILED_ID, PREPARED_HIDDEN_LABEL, PREPARED_OK, PREPARED_PIXELS,
+                                      PREPARED_SOURCE, PoolViews)
 
 from conftest import build_tiny_split, make_jpeg
 
@@ -43,6 +43,7 @@ def test_pool_views_keep_pool_rows_and_flag_undecodable_ones():
     assert output[PREPARED_SOURCE].tolist() == [schema.SOURCES.index(schema.MS1MV2)] * 2 + [
         schema.SOURCES.index(schema.EXPW)]
     assert not output[PREPARED_PIXELS][1].any() and output[PREPARED_PIXELS][0].any()
+    assert output[PREPARED_FAILED_ID].tolist() == ["", "b", ""]  # named, to report them
     only_expw = PoolViews(DataConfig(image_size=32, unlabeled_sources=[schema.EXPW]), pa.array(["d"]), 0)
     assert only_expw(table)[PREPARED_OK].tolist() == [True]
     # The crops are a pure function of the batch: the same batch gives the same pixels.
@@ -56,10 +57,11 @@ def test_stream_runs_whole_passes_and_resumes_at_a_pass_boundary(local_ray):
     from pipeline.training.ray_train import StreamedUnlabeled
 
     items = [{PREPARED_PIXELS: np.full((4, 4, 3), index, np.uint8), PREPARED_OK: index != 3,
-              PREPARED_HIDDEN_LABEL: index % 8, PREPARED_SOURCE: index % 2} for index in range(10)]
+              PREPARED_HIDDEN_LABEL: index % 8, PREPARED_SOURCE: index % 2,
+              PREPARED_FAILED_ID: f"ms1mv2/{index}" if index == 3 else ""} for index in range(10)]
     dataset = local_ray.data.from_items(items)
     stream = StreamedUnlabeled(dataset.iterator(), batch_size=4, shuffle_buffer=0, seed=0, rank=0)
-    seen = []
+    seen, failed = [], []
     undecodable = 0
     for _ in range(2):  # one pass: 10 rows -> two whole batches (the partial one is dropped)
         prepared = stream.take_prepared(4, None, None)
@@ -68,7 +70,9 @@ def test_stream_runs_whole_passes_and_resumes_at_a_pass_boundary(local_ray):
         assert prepared.hidden_labels.tolist() == [value % 8 for value in seen[-len(prepared.pixels):]]
         assert prepared.sources.tolist() == [value % 2 for value in seen[-len(prepared.pixels):]]
         undecodable += prepared.undecodable
+        failed += prepared.undecodable_ids
     assert stream.state_dict() == {"pass_number": 0, "batches": 2}
+    assert failed == ["ms1mv2/3"]  # the worker can name what it dropped
     assert len(seen) + undecodable == 8 and undecodable == 1 and 3 not in seen
     assert len(set(seen)) == len(seen)
     stream.take_prepared(4, None, None)  # the next pass begins

@@ -4,6 +4,7 @@ exact resume, threshold updates and config errors."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import threading
 
@@ -91,7 +92,7 @@ def seen_unlabeled_rows(config, steps: int) -> tuple[np.ndarray, np.ndarray]:
     stream = UnlabeledStream(config.data.split, config.run.seed, config.data.shuffle_buffer,
                              config.data.unlabeled_sources)
     per_step = config.data.labeled_batch * config.data.unlabeled_ratio
-    images, labels, sources = stream.take(per_step * steps)
+    images, labels, sources, _ = stream.take(per_step * steps)
     _, decoded = make_views(config.data)[0].decode(images)
     return labels[decoded], sources[decoded]
 
@@ -458,3 +459,19 @@ def test_the_scaling_rule_sets_steps_per_worker_and_learning_rates(tiny_split, t
             ours.step()
             theirs.step()
         assert ours.get_last_lr() == pytest.approx([factor * rate for rate in theirs.get_last_lr()])
+
+
+@pytest.mark.slow
+def test_a_progress_line_comes_every_few_seconds_within_an_epoch(tiny_split, tmp_path, capsys):
+    # log_every_seconds tiny: every step is "due"; the last step of the epoch has the epoch's line.
+    config = tiny_config(tiny_split, str(tmp_path), "dtm", run__log_every_steps=0,
+                         run__log_every_seconds=1e-9, run__epochs=1)
+    Trainer(config).fit()
+    lines = [line for line in capsys.readouterr().out.splitlines() if " step " in line and "ETA" in line]
+    assert [line.split(" step ")[1].split()[0] for line in lines] == ["1/3", "2/3"]
+    for line in lines:
+        assert re.search(r"loss \d+\.\d{4}  \d+ img/s  epoch ETA \d+:\d\d  accepted \d\.\d\d$", line), line
+    quiet = tiny_config(tiny_split, str(tmp_path / "quiet"), "dtm", run__log_every_steps=0,
+                        run__log_every_seconds=0, run__epochs=1)
+    Trainer(quiet).fit()
+    assert "ETA" not in capsys.readouterr().out

@@ -13,19 +13,29 @@ from typing import Iterator, Sequence
 
 import fsspec
 
-from pipeline.data import images, storage
+from pipeline.data import images, retry, storage
 from pipeline.data.readers.base import Batch, RowBuffer
 
 # fsspec's `cat` treats these as glob patterns, so a path holding one is read on its own.
 GLOB_CHARACTERS = frozenset("*?[")
 
 
-def read_files(fs: fsspec.AbstractFileSystem, paths: Sequence[str]) -> list[bytes | Exception]:
+def read_files(fs: fsspec.AbstractFileSystem, paths: Sequence[str],
+               policy: retry.RetryPolicy = retry.DEFAULT_POLICY) -> list[bytes | Exception]:
     """Each file's bytes, or the exception that reading it raised, in the order given.
 
     One `cat` call per list: on S3 that is one concurrent GET per file instead of a round trip
-    each; on local disk it reads one after another.
+    each; on local disk it reads one after another. Reads that failed transiently are retried
+    together under `policy`; what is left (absent, forbidden, or failing past the policy) comes back
+    as its exception, for the caller to skip with its reason.
     """
+    contents = _read_files_once(fs, paths)
+    contents, _ = retry.retry_failed(list(paths), contents, lambda again: _read_files_once(fs, again),
+                                     policy)
+    return contents
+
+
+def _read_files_once(fs: fsspec.AbstractFileSystem, paths: Sequence[str]) -> list[bytes | Exception]:
     literal = [path for path in paths if not GLOB_CHARACTERS.intersection(path)]
     fetched = fs.cat(literal, on_error="return") if literal else {}
     contents: list[bytes | Exception] = []

@@ -25,6 +25,32 @@ DEFAULT_READ_BYTES = 16 << 20
 MAX_READ_GAP = 1 << 20
 
 
+class IndexLookup:
+    """Each `.idx` key's offset and limit (the next record's offset, or the file size), found by
+    binary search over the sorted keys. Numpy arrays hold 24 bytes an entry; the dicts of Python
+    ints this replaces held ~330, which made the driver's memory grow by ~650 MB for a 1.94M-record
+    index (BENCHMARKS.md, ingest at the papers' scale) and would be ~2 GB for the full 5.8M one.
+    A key listed twice resolves to its last line, as a dict built in file order would."""
+
+    def __init__(self, keys: np.ndarray, offsets: np.ndarray, file_size: int) -> None:
+        by_offset = np.argsort(offsets, kind="stable")
+        limits = np.empty_like(offsets)
+        limits[by_offset] = np.append(offsets[by_offset][1:], file_size)
+        by_key = np.argsort(keys, kind="stable")
+        self.keys, self.offsets, self.limits = keys[by_key], offsets[by_key], limits[by_key]
+
+    def find(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(present, offsets, limits) for each wanted key; offsets/limits are meaningless where
+        `present` is False."""
+        wanted = np.asarray(wanted, dtype=np.int64)
+        if self.keys.size == 0:
+            zeros = np.zeros(wanted.size, np.int64)
+            return np.zeros(wanted.size, bool), zeros, zeros
+        position = np.clip(np.searchsorted(self.keys, wanted, side="right") - 1, 0, self.keys.size - 1)
+        present = self.keys[position] == wanted
+        return present, self.offsets[position], self.limits[position]
+
+
 @dataclass(frozen=True)
 class Unit:
     keys: np.ndarray  # int64, sorted by offset
@@ -69,23 +95,18 @@ class Ms1mv2Reader(SourceReader):
             raise SourceUnusable(f"ms1mv2: {self.index_uri}: {error}") from None
         if keys.size == 0:
             raise SourceUnusable(f"ms1mv2: {self.index_uri} is empty")
-        order = np.argsort(offsets, kind="stable")
-        sorted_offsets = offsets[order]
-        limits_sorted = np.append(sorted_offsets[1:], file_size)
-        limit_of = dict(zip(keys[order].tolist(), limits_sorted.tolist()))
-        offset_of = dict(zip(keys.tolist(), offsets.tolist()))
+        index = IndexLookup(keys, offsets, file_size)
 
-        image_keys, header_detail = self._image_keys(keys, offset_of, limit_of, file_size)
+        image_keys, header_detail = self._image_keys(keys, index, file_size)
         skipped: list[Skip] = []
-        present = np.fromiter((key in offset_of for key in image_keys.tolist()), bool, image_keys.size)
+        present, _, _ = index.find(image_keys)
         for key in image_keys[~present].tolist():
             skipped.append(Skip("key_missing_from_index", f"{self.index_uri}#{key}",
                                 sample_id=schema.ms1mv2_sample_id(key)))
         available = image_keys[present]
 
         selected = self._select(available)
-        selected_offsets = np.fromiter((offset_of[k] for k in selected.tolist()), np.int64, selected.size)
-        selected_limits = np.fromiter((limit_of[k] for k in selected.tolist()), np.int64, selected.size)
+        _, selected_offsets, selected_limits = index.find(selected)
         by_offset = np.argsort(selected_offsets, kind="stable")
         selected, selected_offsets, selected_limits = (
             selected[by_offset], selected_offsets[by_offset], selected_limits[by_offset])
@@ -109,10 +130,11 @@ class Ms1mv2Reader(SourceReader):
             **header_detail,
         })
 
-    def _image_keys(self, keys, offset_of, limit_of, file_size):
-        if 0 not in offset_of:
+    def _image_keys(self, keys, index: "IndexLookup", file_size):
+        found, header_offset, header_limit = index.find(np.zeros(1, np.int64))
+        if not found[0]:
             return np.sort(keys), {"header_record": False}
-        start, end = offset_of[0], min(limit_of[0], file_size)
+        start, end = int(header_offset[0]), min(int(header_limit[0]), file_size)
         try:
             data = storage.read_bytes(self.record_uri, start, end) if end > start else b""
             payload, _ = recordio.decode_record(data, 0, len(data))
