@@ -82,6 +82,14 @@ class FrameModel:
         return thresholds.detach().cpu().double().numpy() if thresholds is not None else None
 
     @functools.cached_property
+    def feature_width(self) -> int:
+        """Width of the pooled features (`pooled_features`), measured once on a blank image: timm's
+        `num_features` is not the pre-logits width of every model (heads with a hidden layer)."""
+        size = self.config.data.image_size
+        blank = torch.zeros((1, 3, size, size), device=self.method.device)
+        return int(pooled_features(self, blank).shape[1])
+
+    @functools.cached_property
     def weights_digest(self) -> str:
         """SHA-256 of the evaluation network's parameters and buffers (names, dtypes, shapes,
         bytes), and of the settings that shape its input (backbone, image size, resize, precision):
@@ -176,10 +184,11 @@ def predict_rows(model: FrameModel, table: pa.Table, with_features: bool = False
     columns[CONFIDENCE] = pa.array(probabilities.max(axis=1))
     columns[DECODED] = pa.array(ok)
     if with_features:
-        width = features.shape[1] if features is not None else 0
-        flat = (features if features is not None else np.zeros((count, width), np.float32)).reshape(-1)
-        columns[FEATURES] = pa.FixedSizeListArray.from_arrays(pa.array(flat), width) if width \
-            else pa.array([[] for _ in range(count)], pa.list_(pa.float32()))
+        # The network's width even when no row decoded: one column type for every batch of a file.
+        if features is None:
+            features = np.zeros((count, model.feature_width), np.float32)
+        columns[FEATURES] = pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)),
+                                                              features.shape[1])
     return pa.table(columns)
 
 

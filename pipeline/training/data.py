@@ -109,15 +109,21 @@ class UnlabeledStream:
         self._skip = 0
         self._iterator: Iterator[PoolRow] | None = None
 
-    def _files_for_pass(self, pass_number: int) -> list[str]:
+    def _files_for_pass(self, pass_number: int) -> tuple[list[str], bool]:
+        """This rank's files for the pass, and whether it must keep only its share of their rows:
+        with fewer files than workers every rank reads every file and keeps every world_size-th
+        pool row (rank-th first), so no row reaches two workers and none is left out."""
         order = np.random.default_rng([self.seed, pass_number]).permutation(len(self.pool.file_uris))
         files = [self.pool.file_uris[index] for index in order]
-        mine = files[self.rank::self.world_size]
-        return mine or files  # fewer files than workers: share rather than starve
+        if len(files) >= self.world_size:
+            return files[self.rank::self.world_size], False
+        return files, True
 
     def _record_batches(self, pass_number: int) -> Iterator[pa.Table]:
         columns = [schema.SAMPLE_ID, schema.IMAGE, schema.SOURCE, schema.SPLIT, schema.LABEL]
-        for uri in self._files_for_pass(pass_number):
+        files, split_rows = self._files_for_pass(pass_number)
+        position = 0  # pool rows seen in this pass before the current batch (row splitting)
+        for uri in files:
             fs, path = storage.filesystem(uri)
             with fs.open(path, "rb") as handle:
                 for batch in pq.ParquetFile(handle).iter_batches(batch_size=self.read_rows,
@@ -127,7 +133,12 @@ class UnlabeledStream:
                     if self.sources:
                         mask = pc.and_(mask, pc.is_in(table[schema.SOURCE],
                                                       value_set=pa.array(self.sources)))
-                    yield table.filter(mask)
+                    table = table.filter(mask)
+                    if split_rows:
+                        mine = (np.arange(position, position + table.num_rows) % self.world_size) == self.rank
+                        position += table.num_rows
+                        table = table.filter(pa.array(mine))
+                    yield table
 
     def _pass_rows(self, pass_number: int) -> Iterator[PoolRow]:
         rng = np.random.default_rng([self.seed, pass_number, self.rank, 1])

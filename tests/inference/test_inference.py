@@ -114,6 +114,12 @@ def test_features_come_with_the_same_probabilities_and_undecodable_rows_are_kept
     assert plain[DECODED].to_pylist() == [True, True, False, True, True]
     assert plain[PREDICTED][2].as_py() == -1 and not probabilities_of(plain)[2].any()
     assert not features[2].any() and features[0].any()
+    # A batch whose rows all fail to decode keeps the column's type (fixed-size lists of the
+    # network's width), so it concatenates with the others into one file.
+    broken = predict_rows(model, table.slice(2, 1), with_features=True)
+    assert broken[FEATURES].type == with_features[FEATURES].type
+    assert pa.concat_tables([with_features, broken]).num_rows == 6
+    assert not np.asarray(broken[FEATURES].to_pylist()).any()
 
 
 # ------------------------------------------------------------------ pure outputs
