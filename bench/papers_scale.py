@@ -169,7 +169,10 @@ def main() -> int:
 
     def stage(name: str, command: list[str]) -> dict:
         result = run_stage(name, command, logs)
-        result["peak_pss_over_idle_mb"] = (result.pop("peak_pss") - idle) / 1e6
+        peak = result.pop("peak_pss")
+        # Over the idle Ray for the stages that start one; the split starts none (absolute only).
+        result["peak_pss_mb"] = peak / 1e6
+        result["peak_pss_over_idle_mb"] = (peak - idle) / 1e6 if name != "split" else None
         stages[name] = result
         print(json.dumps({name: result}), flush=True)
         return result
