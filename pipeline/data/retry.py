@@ -6,7 +6,7 @@ are not, and the caller skips the record with its reason or fails, as before.
 Two layers, on purpose. botocore retries each S3 request itself (`BOTOCORE_RETRIES`, set through
 `storage.storage_options`), which absorbs single 5xx and throttling answers cheaply. What survives
 it (a server down for longer than botocore's few seconds) reaches `call` or `retry_failed` here,
-whose backoff spans about a minute in all before a record is given up.
+whose backoff spans at most 51.5 s in all before a record is given up.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ Result = TypeVar("Result")
 # with ours, and a wrong endpoint should fail in about a minute, not after many.
 BOTOCORE_RETRIES = {"max_attempts": 4, "mode": "standard"}
 
-# Errors a retry cannot fix: the object is absent, forbidden, or its bytes are wrong.
+# Errors a retry cannot fix: the object is absent or forbidden, its bytes are wrong, or the call
+# itself is (bad arguments, an operation this filesystem does not offer), which a retry repeats.
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError,
     ValueError, TypeError, KeyError, NotImplementedError,
@@ -53,7 +54,8 @@ def is_transient(error: BaseException) -> bool:
 class RetryPolicy:
     """Attempts and backoff: try `attempts` times; before try n+1 sleep a uniform random time in
     [0, min(max_delay, base_delay * 2**n)] ("full jitter": many workers retrying at once spread out
-    instead of hitting a recovering server together). The defaults wait about 60 s in all at most."""
+    instead of hitting a recovering server together). The defaults wait at most 51.5 s in all
+    (`longest_wait`): 0.5 + 1 + 2 + 4 + 8 + 16 + 20."""
 
     attempts: int = 8
     base_delay: float = 0.5

@@ -78,8 +78,9 @@ def read_validation(split_dir: str) -> ImageTable:
     return read_shard_folder(storage.join(split_dir, split.VALIDATION))
 
 
-PoolRow = tuple[bytes, int, int, str]  # image, hidden label, source index, sample id
-"""One unlabeled-pool row as the stream hands it out: image bytes, hidden label, source index."""
+PoolRow = tuple[bytes, int, int, str]
+"""One unlabeled-pool row as the stream hands it out: image bytes, hidden label, source index,
+sample id (to name the row if it does not decode)."""
 
 
 class UnlabeledStream:

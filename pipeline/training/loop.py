@@ -413,8 +413,7 @@ class Trainer:
         images_per_second_total = float(self.collectives.all_reduce_sum(
             torch.tensor([images_per_second], dtype=torch.float64)).cpu()[0])
         pseudo_label_counts = self.collectives.all_reduce_sum(totals.pseudo_label_counts).cpu()
-        candidates = int(pseudo_label_counts.sum())
-        accepted = pseudo_label_counts[:, :, :schema.NUM_CLASSES].sum(dim=(0, 1))  # by pseudo label
+        accepted, candidates = _acceptance(pseudo_label_counts)
         return {
             "epoch": self.epoch,
             "step": self.global_step,
@@ -560,14 +559,18 @@ def configure_backends(device: torch.device, run: Any) -> None:
     torch.backends.cudnn.benchmark = run.cudnn_benchmark
 
 
+def _acceptance(pseudo_label_counts: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(accepted rows per pseudo label, unlabeled rows seen) from a pseudo-label count table."""
+    accepted = pseudo_label_counts[:, :, :schema.NUM_CLASSES].sum(dim=(0, 1))
+    return accepted, int(pseudo_label_counts.sum())
+
+
 def _log_progress(epoch: int, totals: EpochTotals, steps: int, values: dict[str, float], seconds: float) -> None:
     """A line within an epoch: where it is, the mean loss so far, the rate and the time left."""
     rate = totals.steps / max(seconds, 1e-9)
     left = (steps - totals.steps) / max(rate, 1e-9)
-    counts = totals.pseudo_label_counts
-    candidates = int(counts.sum())
-    accepted = int(counts[:, :, :schema.NUM_CLASSES].sum()) if candidates else 0
-    acceptance = f"  accepted {accepted / candidates:.2f}" if candidates else ""
+    accepted, candidates = _acceptance(totals.pseudo_label_counts)  # this worker's so far
+    acceptance = f"  accepted {float(accepted.sum()) / candidates:.2f}" if candidates else ""
     print(f"[train] epoch {epoch + 1} step {totals.steps}/{steps}  "
           f"loss {values.get('loss', float('nan')) / max(1, totals.steps):.4f}  "
           f"{totals.images / max(seconds, 1e-9):.0f} img/s  epoch ETA {format_seconds(left)}{acceptance}",
