@@ -26,7 +26,7 @@ import time
 
 from jobs.pseudolabel import add_inference_arguments, inference_config
 from pipeline.config import ConfigError
-from pipeline.core import smoothing
+from pipeline.core import frame_filling, smoothing
 from pipeline.data import schema, storage
 from pipeline.inference import submission
 from pipeline.inference.predict import load_frame_model, output_identity
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     storage.write_json_atomic(storage.join(arguments.out, "metrics.json"), report)
     if wanted is not None:
         target = arguments.submission_out or storage.join(arguments.out, "submission.txt")
-        labels, fill = submission.fill_labels(
+        labels, fill = frame_filling.fill_labels(
             table[schema.VIDEO].to_numpy(zero_copy_only=False), table[schema.FRAME].to_numpy(),
             table["smoothed"].to_numpy(), wanted)
         submission.write_submission(target, wanted, labels)

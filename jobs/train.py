@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         if ray_train.uses_ray_data(config):
             ensure_ray()
             unlabeled = ray_train.streamed_unlabeled(
-                config, ray_train.unlabeled_dataset(config).iterator(), rank=0)
+                config, lambda first_pass: ray_train.unlabeled_dataset(config, first_pass).iterator(),
+                rank=0)
     final = Trainer(config, unlabeled=unlabeled).fit()
     print(json.dumps({key: final[key] for key in summary_keys}))
     return 0

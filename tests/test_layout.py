@@ -110,7 +110,7 @@ def test_the_pure_core_loads_without_ray():
     core = sorted(name for name in MODULES if stage_of(name) in ("core", "methods"))
     code = f"import sys; import {', '.join(core)}; print('ray' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                            cwd=REPOSITORY)
+                            cwd=REPOSITORY, timeout=120)
     assert result.stdout.strip() == "False"
 
 

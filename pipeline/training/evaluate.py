@@ -2,7 +2,9 @@
 validation set and on its two halves.
 
 Frames labeled -1 are predicted (they give the smoothing window its context) and left out of the
-metric, as the ABAW protocol does. The validation videos are split, by video and with a fixed seed,
+metric, as the ABAW protocol does. A frame whose image does not decode is left out of `macro_f1`;
+`all_annotated` scores it too, as the official scorer does (every annotated frame counts), with the
+label the test submission would give it (`core.frame_filling`). The validation videos are split, by video and with a fixed seed,
 into a selection half and a report half: choices (the best epoch, a default, a searched setting)
 are made on the selection half and reported on the other, so a reported figure is not the one the
 choice was made on.
@@ -16,7 +18,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from pipeline.core import metrics, smoothing
+from pipeline.core import frame_filling, metrics, smoothing
 from pipeline.data import schema
 from pipeline.methods.base import Collectives
 from pipeline.training.data import ImageTable
@@ -101,6 +103,8 @@ def validation_report(table: ImageTable, probabilities: np.ndarray, windows: lis
         "smoothed": {},
         "smoothing_mode": mode,
         "smoothing_tie_rule": smoothing.TIE_RULE,
+        "undecodable_frames": int(undecoded.sum()),
+        "all_annotated": all_annotated(table, predictions, undecoded),
     }
     selection = validation_halves(table.videos, table.sample_ids, halves_seed)
     halves = {SELECTION: selection, REPORT: ~selection}
@@ -122,6 +126,30 @@ def validation_report(table: ImageTable, probabilities: np.ndarray, windows: lis
             half = report["halves"][name].setdefault("smoothed", {})
             half[str(window)] = _scores(np.where(mask, targets, schema.NO_LABEL), smoothed)["macro_f1"]
     return report
+
+
+def all_annotated(table: ImageTable, predictions: np.ndarray, undecoded: np.ndarray) -> dict[str, Any]:
+    """Macro-F1 over every annotated frame, undecodable ones included, as the official scorer
+    counts them: such a frame takes its video's nearest decoded frame's label (`FILL_RULE`); a
+    still image, or a video with no decoded frame, the most frequent predicted label
+    (`FALLBACK_RULE`)."""
+    filled = predictions.copy()
+    if undecoded.any():
+        decoded = ~undecoded
+        in_video = np.array([bool(video) for video in table.videos], dtype=bool)
+        wanted = np.flatnonzero(undecoded & in_video)
+        labels, report = frame_filling.fill_labels(
+            np.asarray(table.videos)[decoded & in_video], np.asarray(table.frames)[decoded & in_video],
+            predictions[decoded & in_video],
+            [(table.videos[index], int(table.frames[index])) for index in wanted.tolist()])
+        filled[wanted] = labels
+        counts = np.bincount(predictions[decoded], minlength=schema.NUM_CLASSES)
+        fallback = int(np.argmax(counts)) if decoded.any() else 0
+        filled[undecoded & ~in_video] = fallback
+    result = metrics.classification_report(table.labels, filled)
+    return {"macro_f1": result.macro_f1, "scored_frames": result.count,
+            "filled_frames": int(undecoded.sum()), "fill_rule": frame_filling.FILL_RULE,
+            "fallback_rule": frame_filling.FALLBACK_RULE}
 
 
 def _scores(targets: np.ndarray, predictions: np.ndarray) -> dict[str, Any]:

@@ -35,6 +35,10 @@ class PreparedUnlabeled:
     sources: np.ndarray
     undecodable_ids: list[str]
     """Sample ids of the rows drawn for the step that did not decode (dropped from `pixels`)."""
+    sample_ids: list[str]
+    """Sample ids of the decoded rows, in the order of `pixels` (for observers and audits)."""
+    pass_number: int
+    """The pass over the pool the rows were drawn in (the in-process stream: that of the last row)."""
 
     @property
     def undecodable(self) -> int:
@@ -157,7 +161,9 @@ class DecodedStream(UnlabeledSource):
         encoded, hidden_labels, sources, sample_ids = self.stream.take(count)
         images, ok = weak_view.decode(encoded)
         return PreparedUnlabeled(weak_view.geometry(images[ok], rng), hidden_labels[ok], sources[ok],
-                                 [sample_id for sample_id, good in zip(sample_ids, ok) if not good])
+                                 [sample_id for sample_id, good in zip(sample_ids, ok) if not good],
+                                 [sample_id for sample_id, good in zip(sample_ids, ok) if good],
+                                 self.stream.pass_number)
 
     def state_dict(self) -> dict[str, int]:
         return self.stream.state_dict()
@@ -170,8 +176,9 @@ PREPARED_PIXELS = "pixels"
 PREPARED_OK = "decoded"
 PREPARED_HIDDEN_LABEL = "hidden_label"
 PREPARED_SOURCE = "source_index"
-PREPARED_FAILED_ID = "undecodable_id"
-"""The sample id of a row that did not decode, "" for one that did (so a worker can name them)."""
+PREPARED_SAMPLE_ID = "sample_id"
+"""Every row's sample id: a worker names the rows that did not decode, and observers can audit
+which rows each step drew."""
 
 
 class PoolViews:
@@ -200,7 +207,7 @@ class PoolViews:
         if table.num_rows == 0:
             return {PREPARED_PIXELS: np.zeros((0, size, size, 3), np.uint8),
                     PREPARED_OK: np.zeros(0, bool), PREPARED_HIDDEN_LABEL: np.zeros(0, np.int64),
-                    PREPARED_SOURCE: np.zeros(0, np.int64), PREPARED_FAILED_ID: np.zeros(0, object)}
+                    PREPARED_SOURCE: np.zeros(0, np.int64), PREPARED_SAMPLE_ID: np.zeros(0, object)}
         # Random crops seeded by the batch's first id: reproducible for a given block, different
         # between blocks, with no state shared between Ray Data tasks.
         first = str(table[schema.SAMPLE_ID][0].as_py()).encode()
@@ -209,12 +216,12 @@ class PoolViews:
         pixels = np.zeros((table.num_rows, size, size, 3), np.uint8)
         if ok.any():
             pixels[ok] = self.weak_view.geometry(decoded[ok], rng)
-        failed_ids = np.array([str(sample_id) if not good else "" for sample_id, good
-                               in zip(table[schema.SAMPLE_ID].to_pylist(), ok)], dtype=object)
+        sample_ids = np.array([str(sample_id) for sample_id in table[schema.SAMPLE_ID].to_pylist()],
+                              dtype=object)
         return {PREPARED_PIXELS: pixels, PREPARED_OK: ok,
                 PREPARED_HIDDEN_LABEL: table[schema.LABEL].to_numpy().astype(np.int64),
                 PREPARED_SOURCE: schema.source_indices(table[schema.SOURCE].to_pylist()),
-                PREPARED_FAILED_ID: failed_ids}
+                PREPARED_SAMPLE_ID: sample_ids}
 
 
 class InputPipeline:
@@ -234,6 +241,9 @@ class InputPipeline:
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._pending: Future | None = None
         self._pending_indices: np.ndarray | None = None
+        self.current_unlabeled: PreparedUnlabeled | None = None
+        """The unlabeled rows of the batch `next` returned last (the one training now): what a
+        step observer reads to audit the stream; None without unlabeled rows."""
 
     @property
     def unlabeled_per_step(self) -> int:
@@ -268,6 +278,7 @@ class InputPipeline:
         else:
             cpu = self._prepare(indices)
         self._pending = None
+        self.current_unlabeled = cpu.unlabeled
         if following is not None:
             self.prefetch(following)
         hidden = None

@@ -590,5 +590,8 @@ def _log(record: dict[str, Any]) -> None:
         parts.append(f"pseudo-label accuracy {quality['accuracy']:.2f}")
     if validation:
         parts.append(f"val macro-F1 {validation['macro_f1']:.4f}")
+        if validation.get("undecodable_frames"):
+            parts.append(f"({validation['undecodable_frames']} undecodable frames; counting them as the "
+                         f"scorer does {validation['all_annotated']['macro_f1']:.4f})")
         parts += [f"smoothed@{window} {value['macro_f1']:.4f}" for window, value in smoothed.items()]
     print("[train] " + "  ".join(parts), flush=True)

@@ -34,7 +34,7 @@ from pipeline.data import schema, split, storage
 from pipeline.training import checkpoint
 from pipeline.training.distributed import TorchCollectives
 from pipeline.training.config import DataConfig, TrainConfig, load_config, to_mapping
-from pipeline.training.inputs import (PREPARED_FAILED_ID, PREPARED_HIDDEN_LABEL, PREPARED_OK, PREPARED_PIXELS,
+from pipeline.training.inputs import (PREPARED_HIDDEN_LABEL, PREPARED_OK, PREPARED_PIXELS, PREPARED_SAMPLE_ID,
                                       PREPARED_SOURCE, PoolViews, PreparedUnlabeled, UnlabeledSource)
 from pipeline.training.loop import WORKER_STATE_KEYS, StepObserver, Trainer
 
@@ -45,17 +45,29 @@ DATASET_NAME = "unlabeled"
 
 RAY_CHECKPOINT_LIST = "checkpoint_manager_snapshot.json"
 """Where Ray Train 2.60 lists the checkpoints its controller registered, in the run folder."""
+RESUME_PASS_METRIC = "unlabeled_resume_pass"
+"""Reported with every checkpoint: the pool pass a worker group restored from it starts at."""
+
+
+def _checkpoint_list(folder: str) -> dict[str, Any]:
+    uri = storage.join(folder, RAY_CHECKPOINT_LIST)
+    try:
+        return storage.read_json(uri) if storage.exists(uri) else {}
+    except ValueError:  # caught mid-write
+        return {}
 
 
 def registered_epochs(folder: str) -> list[int]:
     """Epochs of the checkpoints Ray has registered for the run in `folder` (oldest first)."""
-    uri = storage.join(folder, RAY_CHECKPOINT_LIST)
-    try:
-        snapshot = storage.read_json(uri) if storage.exists(uri) else {}
-    except ValueError:  # caught mid-write
-        return []
-    results = snapshot.get("checkpoint_results") or []
+    results = _checkpoint_list(folder).get("checkpoint_results") or []
     return [int(result["metrics"]["epoch"]) for result in results if "epoch" in result.get("metrics", {})]
+
+
+def resume_pass(folder: str) -> int:
+    """The pool pass at which workers restored from the run's latest registered checkpoint start
+    (0 for a run without one)."""
+    latest = _checkpoint_list(folder).get("latest_checkpoint_result") or {}
+    return int((latest.get("metrics") or {}).get(RESUME_PASS_METRIC, 0))
 
 
 @dataclass
@@ -129,7 +141,11 @@ class RayReporter:
                 save_worker_state(folder, self.rank, self.trainer.worker_state())
             if self.kill:
                 self.kill.maybe_kill(self.rank, record["epoch"], self.trainer.run_folder)
-            ray.train.report(flat_metrics(record), checkpoint=ray.train.Checkpoint.from_directory(folder))
+            metrics = flat_metrics(record)
+            if isinstance(self.trainer.unlabeled, StreamedUnlabeled):
+                # Every rank is at the same pass (equal split, equal batches): rank 0's stands.
+                metrics[RESUME_PASS_METRIC] = self.trainer.unlabeled.resume_pass()
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
 def save_worker_state(folder: str, rank: int, state: dict[str, Any]) -> None:
@@ -170,6 +186,9 @@ def flat_metrics(record: dict[str, Any]) -> dict[str, float | int]:
     validation = record["validation"]
     if validation:
         metrics["macro_f1"] = validation["macro_f1"]
+        if validation.get("all_annotated"):
+            metrics["macro_f1_all_annotated"] = validation["all_annotated"]["macro_f1"]
+            metrics["undecodable_validation_frames"] = validation["undecodable_frames"]
         for name, value in zip(schema.CLASS_NAMES, validation["per_class_f1"]):
             metrics[f"f1_{name.lower()}"] = value
         for window, smoothed in (validation["smoothed"] or {}).items():
@@ -216,7 +235,8 @@ def build_trainer(config: TrainConfig, kill_worker: WorkerKill | None = None,
     keep = config.run.checkpoints_to_keep
     datasets = {}
     if uses_ray_data(config):
-        datasets[DATASET_NAME] = unlabeled_dataset(config)
+        # A callable: Ray Train builds the stream anew at every (re)start of the worker group.
+        datasets[DATASET_NAME] = PoolStreamFactory(config)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_mapping(config),
@@ -259,24 +279,45 @@ def unlabeled_per_step(config: TrainConfig) -> int:
     return config.data.labeled_batch * config.data.unlabeled_ratio
 
 
-def unlabeled_dataset(config: TrainConfig) -> ray.data.Dataset:
+def unlabeled_dataset(config: TrainConfig, first_pass: int = 0) -> ray.data.Dataset:
     """The lazily executed pool stream of `config`'s split: uint8 `pixels` (N, S, S, 3) after the
-    weak geometry and a `decoded` flag per row."""
+    weak geometry and a `decoded` flag per row; its first execution is pass `first_pass`."""
     pool = split.load_unlabeled_pool(config.data.split)
     if not pool.file_uris:
         raise ConfigError(f"data.split: {config.data.split} has an empty unlabeled pool")
-    return pool_dataset(pool.file_uris, pool.excluded_ids, config.data, config.run.seed)
+    return pool_dataset(pool.file_uris, pool.excluded_ids, config.data, config.run.seed, first_pass)
 
 
-def pool_dataset(file_uris: list[str], excluded_ids: Any, data: DataConfig, seed: int
-                 ) -> ray.data.Dataset:
+class PoolStreamFactory:
+    """The pool stream for Ray Train, built each time it starts a worker group (Ray Train calls a
+    dataset given as a callable then). Ray Data numbers a stream's executions from zero in every new
+    worker group, and the file order of a pass is drawn from (seed, execution number): without
+    this, the first pass after a restart or a re-run would replay the first pass's file order.
+    The stream is seeded from the pass the restored workers start at (`resume_pass`) instead."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+
+    def __call__(self) -> ray.data.Dataset:
+        return unlabeled_dataset(self.config, resume_pass(run_folder(self.config)))
+
+
+def stream_seed(seed: int, first_pass: int) -> int:
+    """The file-order seed of a stream whose first execution is pass `first_pass` (the run's own
+    seed for a stream that starts at pass 0)."""
+    return seed if first_pass == 0 else (seed * 1_000_003 + first_pass) % 2**31
+
+
+def pool_dataset(file_uris: list[str], excluded_ids: Any, data: DataConfig, seed: int,
+                 first_pass: int = 0) -> ray.data.Dataset:
     """Shard files (local or s3://, one filesystem) -> the stream of `PoolViews` batches."""
     filesystem, _ = storage.filesystem(file_uris[0])
     paths = [storage.filesystem(uri)[1] for uri in file_uris]
     dataset = ray.data.read_parquet(
         paths, filesystem=filesystem,
         # A new file order every pass, streamed: randomize_block_order would hold the whole pool.
-        shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True)).select_columns(POOL_COLUMNS)
+        shuffle=FileShuffleConfig(seed=stream_seed(seed, first_pass), reseed_after_execution=True)
+    ).select_columns(POOL_COLUMNS)
     views = PoolViews(data, excluded_ids, seed)
     return dataset.map_batches(views, batch_format="pyarrow", batch_size=data.decode_batch,
                                num_cpus=data.decode_cpus)
@@ -291,7 +332,10 @@ class StreamedUnlabeled(UnlabeledSource):
 
     def __init__(self, shard: Any, batch_size: int, shuffle_buffer: int, seed: int, rank: int,
                  prefetch_batches: int = 2) -> None:
-        self.shard = shard  # ray.data.DataIterator (a Ray Train split, or dataset.iterator())
+        # A ray.data.DataIterator (a Ray Train split, or dataset.iterator()), or a callable that
+        # builds one given the pass it starts at, called when the first pass starts (after a
+        # checkpoint's state is loaded): a single-process run resumed at pass P draws P's file order.
+        self.shard = shard
         self.batch_size = batch_size
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
@@ -302,6 +346,8 @@ class StreamedUnlabeled(UnlabeledSource):
         self._iterator = None
 
     def _start_pass(self) -> None:
+        if callable(self.shard):
+            self.shard = self.shard(self.pass_number)
         shuffle = max(self.shuffle_buffer, self.batch_size) if self.shuffle_buffer else None
         self._iterator = iter(self.shard.iter_batches(
             batch_size=self.batch_size, batch_format="numpy", drop_last=True,
@@ -333,12 +379,21 @@ class StreamedUnlabeled(UnlabeledSource):
             raise ValueError(f"the stream was built for {self.batch_size} images a step, asked for {count}")
         batch = self.next_batch()
         decoded = batch[PREPARED_OK].astype(bool)
+        sample_ids = batch[PREPARED_SAMPLE_ID]
         return PreparedUnlabeled(batch[PREPARED_PIXELS][decoded], batch[PREPARED_HIDDEN_LABEL][decoded],
                                  batch[PREPARED_SOURCE][decoded],
-                                 [str(sample_id) for sample_id in batch[PREPARED_FAILED_ID][~decoded]])
+                                 [str(sample_id) for sample_id in sample_ids[~decoded]],
+                                 [str(sample_id) for sample_id in sample_ids[decoded]], self.pass_number)
 
     def state_dict(self) -> dict[str, int]:
         return {"pass_number": self.pass_number, "batches": self.batches}
+
+    def resume_pass(self, state: dict[str, int] | None = None) -> int:
+        """The pass a stream restored from `state` (default: this stream's own) starts at: the
+        next one once a pass has been started, since a pass cannot be continued."""
+        state = self.state_dict() if state is None else state
+        started = int(state.get("batches", state.get("emitted", 0))) > 0
+        return int(state["pass_number"]) + int(started)
 
     def close(self) -> None:
         # A pass left half-read keeps Ray Data's prefetch thread (a daemon) alive; closing the
@@ -349,8 +404,7 @@ class StreamedUnlabeled(UnlabeledSource):
         self._iterator = None
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        started = int(state.get("batches", state.get("emitted", 0))) > 0
-        self.pass_number = int(state["pass_number"]) + int(started)
+        self.pass_number = self.resume_pass(state)
         self.batches = 0
         self.close()
 

@@ -9,9 +9,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from pipeline.core.frame_filling import FALLBACK_RULE, FILL_RULE, FillReport, fill_labels
 from pipeline.data import schema
-from pipeline.inference.submission import (FALLBACK_RULE, FILL_RULE, HEADER, FillReport, fill_labels,
-                                           frame_list_from_annotations, parse_location, read_frame_list,
+from pipeline.inference.submission import (HEADER, frame_list_from_annotations, parse_location, read_frame_list,
                                            read_submission, write_submission)
 
 

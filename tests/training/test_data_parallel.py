@@ -15,7 +15,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as multiprocessing
 from torch import nn
 
 from pipeline.methods.base import MethodContext, StepResult, TrainBatch
@@ -25,6 +24,7 @@ from pipeline.training.gradients import average_gradients
 from pipeline.training.loop import StepObserver, Trainer, synchronize_replicas
 
 from conftest import build_tiny_split
+from processes import spawn_and_join
 from test_distributed import WORKERS, settings
 
 
@@ -85,7 +85,7 @@ def _collectives_worker(rank: int, world_size: int, folder: str) -> None:
 
 @pytest.mark.slow
 def test_torch_collectives_in_a_two_process_gloo_group(tmp_path):
-    multiprocessing.spawn(_collectives_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    spawn_and_join(_collectives_worker, (2, str(tmp_path)), processes=2)
     ranks = [torch.load(tmp_path / f"rank-{rank}.pt", weights_only=False) for rank in range(2)]
     expected_sum = torch.tensor([0.1, 1e-12, 3.0], dtype=torch.float64) * 3
     for rank, result in enumerate(ranks):
@@ -186,7 +186,7 @@ def one_data_parallel_step(split_dir: str, folder, method: str, method_options: 
     config = load_config(base=mapping)
     recordings = folder / "steps"
     recordings.mkdir()
-    multiprocessing.spawn(_data_parallel_worker, args=(WORKERS, str(folder), mapping), nprocs=WORKERS, join=True)
+    spawn_and_join(_data_parallel_worker, (WORKERS, str(folder), mapping), processes=WORKERS)
     ranks = [torch.load(recordings / f"rank-{rank}.pt", weights_only=False) for rank in range(WORKERS)]
 
     # The replicas started from rank 0's state and drew different, equally large batches (equal

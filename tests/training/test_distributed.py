@@ -17,11 +17,11 @@ import torch
 import yaml
 
 from jobs import train as train_job
-from pipeline.data import split
+from pipeline.data import schema, split, storage
 from pipeline.training import checkpoint
 from pipeline.training.config import load_config
-from pipeline.training.loop import METRICS_LINES, Trainer, worker_metrics_uri
-from pipeline.training.ray_train import WorkerKill, build_trainer
+from pipeline.training.loop import METRICS_LINES, StepObserver, Trainer, worker_metrics_uri
+from pipeline.training.ray_train import RESUME_PASS_METRIC, WorkerKill, build_trainer
 
 from conftest import build_tiny_split
 
@@ -172,14 +172,62 @@ def test_feedback_coefficient_is_averaged_over_workers(local_ray, tiny_split, tm
     assert result.metrics["feedback_coefficient"] == ranks[0][-1]["losses"]["feedback_coefficient"]
 
 
+class PoolRowsSeen(StepObserver):
+    """Appends, per step and rank, the pass and the sample ids of the unlabeled rows the step
+    trained on to `<folder>/rank-N.jsonl` (every attempt of the worker group appends)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def before_step(self, trainer, batch) -> None:
+        drawn = trainer.inputs.current_unlabeled
+        with open(os.path.join(self.folder, f"rank-{trainer.rank}.jsonl"), "a") as handle:
+            handle.write(json.dumps({"step": trainer.global_step, "pass": drawn.pass_number,
+                                     "ids": drawn.sample_ids}) + "\n")
+
+
 @pytest.mark.ray
 def test_a_killed_worker_restarts_from_the_last_checkpoint(local_ray, tiny_split, tmp_path):
     mapping = settings(tiny_split, str(tmp_path), "fault", epochs=3, max_failures=1)
     marker = tmp_path / "killed"
+    seen_folder = tmp_path / "seen"
+    seen_folder.mkdir()
     result = build_trainer(load_config(base=mapping),
-                           kill_worker=WorkerKill(rank=1, epoch=2, marker=str(marker))).fit()
+                           kill_worker=WorkerKill(rank=1, epoch=2, marker=str(marker)),
+                           step_observer=PoolRowsSeen(str(seen_folder))).fit()
     assert marker.exists(), "the worker was not killed"
     run = str(tmp_path / "fault")
+
+    # The kill fell inside a pass over the pool (a pass spans more than an epoch's steps here),
+    # and the pass-boundary rule held: the restored workers started the next pass, so no pool row
+    # was drawn twice within one pass, though the steps after epoch 1 were trained twice.
+    records = [read_lines(seen_folder / f"rank-{rank}.jsonl") for rank in range(WORKERS)]
+    pool = split.load_unlabeled_pool(tiny_split)
+    per_rank_pass = pool.rows // WORKERS // (8 * 1)  # whole batches of 8 a rank can take per pass
+    assert per_rank_pass > STEPS, "a pass must span more than one epoch for this test"
+    restart = [next(index for index in range(1, len(rank_records))
+                    if rank_records[index]["step"] <= rank_records[index - 1]["step"])
+               for rank_records in records]
+    killed_pass = records[0][restart[0] - 1]["pass"]
+    resumed_pass = records[0][restart[0]]["pass"]
+    assert records[0][restart[0]]["step"] == STEPS  # restarted after epoch 1's checkpoint
+    assert killed_pass == 0 and resumed_pass == 1  # mid pass 0, resumed at the next boundary
+    assert load_epoch(run, 1)["unlabeled"]["pass_number"] == 0
+    snapshot = json.loads(open(os.path.join(run, "checkpoint_manager_snapshot.json")).read())
+    epoch_one = next(entry for entry in snapshot["checkpoint_results"] if entry["metrics"]["epoch"] == 1)
+    assert epoch_one["metrics"][RESUME_PASS_METRIC] == resumed_pass
+    by_pass: dict[int, list[str]] = {}
+    for rank_records in records:
+        for record in rank_records:
+            by_pass.setdefault(record["pass"], []).extend(record["ids"])
+    pool_ids = set()
+    for uri in pool.file_uris:
+        table = storage.read_parquet(uri, [schema.SAMPLE_ID, schema.SOURCE, schema.SPLIT])
+        pool_ids.update(table.filter(split.unlabeled_mask(table, pool.excluded_ids))[schema.SAMPLE_ID].to_pylist())
+    assert sorted(by_pass) == [0, 1]
+    for number, ids in by_pass.items():
+        assert len(ids) == len(set(ids)), f"pass {number}: {len(ids) - len(set(ids))} rows drawn twice"
+        assert set(ids) <= pool_ids
 
     # Ray registered each epoch once: 1 before the kill, 2 and 3 after the restart from 1.
     assert list(result.metrics_dataframe["epoch"]) == [1, 2, 3]

@@ -67,3 +67,52 @@ def test_report_scores_each_half_on_its_own_frames():
             f1_score(targets[keep], smoothed[keep], labels=range(8), average="macro", zero_division=0))
     assert report["halves"][SELECTION]["macro_f1"] != report["halves"][REPORT]["macro_f1"]
     assert report["scored_frames"] == int(scored.sum())
+
+
+def test_undecodable_frames_are_left_out_of_macro_f1_and_filled_in_the_all_annotated_figure():
+    """The official scorer counts every annotated frame: an undecodable one is scored with the
+    label of its video's nearest decoded frame (earlier on a tie); a still image without a decoded
+    neighbour with the most frequent prediction. sklearn's F1 is the oracle."""
+    rng = np.random.default_rng(3)
+    videos = [f"video{index // 40}" for index in range(120)] + [""] * 20
+    labels = rng.integers(0, 8, 140)
+    labels[::7] = -1
+    table = frames_table(videos, labels.tolist())
+    probabilities = rng.random((140, 8)).astype(np.float32)
+    undecodable = np.zeros(140, bool)
+    undecodable[[0, 5, 6, 7, 39, 41, 80, 125, 133]] = True
+    probabilities[undecodable] = 0.0
+    predicted = probabilities.argmax(axis=1)
+    report = validation_report(table, probabilities, [5], smoothing.CENTRED)
+
+    scored = (labels >= 0) & ~undecodable
+    assert report["undecodable_frames"] == 9
+    assert report["macro_f1"] == pytest.approx(f1_score(labels[scored], predicted[scored], labels=range(8),
+                                                        average="macro", zero_division=0))
+    expected = predicted.copy()
+    decoded = ~undecodable
+    fallback = int(np.bincount(predicted[decoded], minlength=8).argmax())
+    for index in np.flatnonzero(undecodable):
+        if videos[index]:
+            same = [other for other in range(140) if videos[other] == videos[index] and decoded[other]]
+            nearest = min(same, key=lambda other: (abs(table.frames[other] - table.frames[index]),
+                                                   table.frames[other]))
+            expected[index] = predicted[nearest]
+        else:
+            expected[index] = fallback
+    annotated = labels >= 0
+    all_annotated = report["all_annotated"]
+    assert all_annotated["scored_frames"] == int(annotated.sum()) > int(scored.sum())
+    assert all_annotated["filled_frames"] == 9
+    assert all_annotated["macro_f1"] == pytest.approx(f1_score(
+        labels[annotated], expected[annotated], labels=range(8), average="macro", zero_division=0))
+    assert all_annotated["macro_f1"] != pytest.approx(report["macro_f1"])
+
+
+def test_without_undecodable_frames_both_figures_agree():
+    rng = np.random.default_rng(4)
+    table = frames_table([f"video{index // 30}" for index in range(90)], rng.integers(-1, 8, 90).tolist())
+    report = validation_report(table, rng.random((90, 8)).astype(np.float32), [5], smoothing.CENTRED)
+    assert report["undecodable_frames"] == 0 and report["all_annotated"]["filled_frames"] == 0
+    assert report["all_annotated"]["macro_f1"] == report["macro_f1"]
+    assert report["all_annotated"]["scored_frames"] == report["scored_frames"]

@@ -10,11 +10,12 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as multiprocessing
 from torch import nn
 
 from pipeline.methods.base import Collectives, PendingReduction
 from pipeline.training.gradients import OverlappedGradientAverage, average_gradients
+
+from processes import spawn_and_join
 
 SMALL_BUCKETS = 0.0004  # about 420 bytes: several buckets on the little network below
 
@@ -114,7 +115,7 @@ def _gloo_worker(rank: int, folder: str) -> None:
 
 @pytest.mark.slow
 def test_the_overlapped_average_equals_the_plain_one_bit_for_bit_on_gloo(tmp_path):
-    multiprocessing.spawn(_gloo_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    spawn_and_join(_gloo_worker, (str(tmp_path),), processes=2)
     ranks = [torch.load(tmp_path / f"rank-{rank}.pt", weights_only=False) for rank in range(2)]
     for rank, steps in enumerate(ranks):
         for step, result in enumerate(steps):

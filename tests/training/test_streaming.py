@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.data import schema, split
 from pipeline.training.config import DataConfig, load_config
-from pipeline.training.inputs import (PREPARED_FAILED_ID, PREPARED_HIDDEN_LABEL, PREPARED_OK, PREPARED_PIXELS,
+from pipeline.training.inputs import (PREPARED_HIDDEN_LABEL, PREPARED_OK, PREPARED_PIXELS, PREPARED_SAMPLE_ID,
                                       PREPARED_SOURCE, PoolViews)
 
 from conftest import build_tiny_split, make_jpeg
@@ -43,7 +43,7 @@ def test_pool_views_keep_pool_rows_and_flag_undecodable_ones():
     assert output[PREPARED_SOURCE].tolist() == [schema.SOURCES.index(schema.MS1MV2)] * 2 + [
         schema.SOURCES.index(schema.EXPW)]
     assert not output[PREPARED_PIXELS][1].any() and output[PREPARED_PIXELS][0].any()
-    assert output[PREPARED_FAILED_ID].tolist() == ["", "b", ""]  # named, to report them
+    assert output[PREPARED_SAMPLE_ID].tolist() == ["a", "b", "e"]  # every row named, "b" to report it
     only_expw = PoolViews(DataConfig(image_size=32, unlabeled_sources=[schema.EXPW]), pa.array(["d"]), 0)
     assert only_expw(table)[PREPARED_OK].tolist() == [True]
     # The crops are a pure function of the batch: the same batch gives the same pixels.
@@ -58,7 +58,7 @@ def test_stream_runs_whole_passes_and_resumes_at_a_pass_boundary(local_ray):
 
     items = [{PREPARED_PIXELS: np.full((4, 4, 3), index, np.uint8), PREPARED_OK: index != 3,
               PREPARED_HIDDEN_LABEL: index % 8, PREPARED_SOURCE: index % 2,
-              PREPARED_FAILED_ID: f"ms1mv2/{index}" if index == 3 else ""} for index in range(10)]
+              PREPARED_SAMPLE_ID: f"ms1mv2/{index}"} for index in range(10)]
     dataset = local_ray.data.from_items(items)
     stream = StreamedUnlabeled(dataset.iterator(), batch_size=4, shuffle_buffer=0, seed=0, rank=0)
     seen, failed = [], []
@@ -71,6 +71,9 @@ def test_stream_runs_whole_passes_and_resumes_at_a_pass_boundary(local_ray):
         assert prepared.sources.tolist() == [value % 2 for value in seen[-len(prepared.pixels):]]
         undecodable += prepared.undecodable
         failed += prepared.undecodable_ids
+        # The ids of the decoded rows, aligned with the pixels, and the pass they came from.
+        assert prepared.sample_ids == [f"ms1mv2/{value}" for value in seen[-len(prepared.pixels):]]
+        assert prepared.pass_number == 0
     assert stream.state_dict() == {"pass_number": 0, "batches": 2}
     assert failed == ["ms1mv2/3"]  # the worker can name what it dropped
     assert len(seen) + undecodable == 8 and undecodable == 1 and 3 not in seen
@@ -119,3 +122,43 @@ def test_pool_dataset_streams_exactly_the_pool(local_ray, tmp_path):
         total += 8
     assert expected - 8 < total <= expected  # one whole pass, only the last partial batch dropped
     stream.close()
+
+
+@pytest.mark.ray
+def test_a_stream_started_at_a_later_pass_does_not_replay_the_first_pass_file_order(local_ray, tmp_path):
+    """Ray Data numbers a stream's executions from zero, and a restarted worker group (or a re-run)
+    gets a new stream: seeded from the run's seed alone, its first pass would replay pass 0's file
+    order. `pool_dataset(first_pass=...)` seeds it from the pass it starts at."""
+    from ray.data import DataContext
+
+    from pipeline.training.ray_train import pool_dataset
+
+    uris = []
+    for number in range(12):
+        uri = str(tmp_path / f"part-{number:02d}.parquet")
+        pq.write_table(pool_table([f"ms1mv2:{number:02d}-{row}" for row in range(2)], [schema.MS1MV2] * 2,
+                                  [schema.TRAIN] * 2, [make_jpeg(number * 2 + row) for row in range(2)]), uri)
+        uris.append(uri)
+    data = DataConfig(image_size=16, decode_batch=2)
+    context = DataContext.get_current()
+    saved = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True  # output in file order: the order is visible
+
+    def stream(first_pass: int):
+        return pool_dataset(uris, pa.array([], pa.string()), data, seed=7, first_pass=first_pass)
+
+    def file_order(dataset) -> list[str]:
+        ids = [str(value) for batch in dataset.iter_batches(batch_format="numpy", batch_size=None)
+               for value in batch[PREPARED_SAMPLE_ID]]
+        return list(dict.fromkeys(value.split(":")[1].split("-")[0] for value in ids))
+
+    try:
+        fresh = stream(0)
+        first, second = file_order(fresh), file_order(fresh)  # passes 0 and 1 of one stream
+        assert sorted(first) == sorted(second) == [f"{number:02d}" for number in range(12)]
+        assert first != second
+        assert file_order(stream(0)) == first  # the trap: a new stream replays pass 0
+        resumed = file_order(stream(1))
+        assert resumed != first and resumed == file_order(stream(1))  # its own order, reproducible
+    finally:
+        context.execution_options.preserve_order = saved

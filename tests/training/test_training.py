@@ -10,6 +10,7 @@ import threading
 
 import numpy as np
 import pytest
+import timm
 import torch
 from sklearn.metrics import f1_score
 from torch.overrides import TorchFunctionMode
@@ -285,6 +286,10 @@ def test_every_recipe_loads():
             continue
         config = load_config(os.path.join(folder, name))
         assert config.method
+        if config.model.pretrained and not config.model.pretrained_path:
+            # timm would fail at the first worker: it has weights only under some names (its
+            # EfficientNet-B7 weights are the TensorFlow port's, `tf_efficientnet_b7`).
+            assert timm.list_pretrained(config.model.backbone + "*"), f"{name}: no timm weights"
 
 
 class HostToDevice(TorchFunctionMode):

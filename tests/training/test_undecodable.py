@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.data import schema, split
 from pipeline.training.config import DataConfig, load_config
-from pipeline.training.inputs import (PREPARED_FAILED_ID, PREPARED_OK, DecodeGuard, PoolViews,
+from pipeline.training.inputs import (PREPARED_SAMPLE_ID, PREPARED_OK, DecodeGuard, PoolViews,
                                       UndecodableImages)
 from pipeline.training.loop import METRICS_LINES, Trainer
 
@@ -47,7 +47,7 @@ def test_pool_views_name_the_rows_that_did_not_decode():
         schema.LABEL: pa.array([schema.NO_LABEL] * 3, pa.int8())})
     output = PoolViews(DataConfig(image_size=32), pa.array([], pa.string()), seed=0)(table)
     assert output[PREPARED_OK].tolist() == [True, False, True]
-    assert output[PREPARED_FAILED_ID].tolist() == ["", "ms1mv2:2", ""]
+    assert output[PREPARED_SAMPLE_ID].tolist() == ["ms1mv2:1", "ms1mv2:2", "ms1mv2:3"]
 
 
 def break_pool_images(split_dir: str, source: str, every: int) -> int:
