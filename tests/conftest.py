@@ -86,7 +86,7 @@ def build_tiny_split(root, validation_videos: int = 1, remote: str | None = None
 
 
 RAY_FIXTURES = {"local_ray", "ray_head", "ray_with_dashboard"}
-RAY_MARKERS = {"ray", "s3"}
+RAY_MARKERS = {"ray", "s3", "gcs"}
 
 
 def pytest_configure(config):

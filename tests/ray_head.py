@@ -4,6 +4,8 @@ ports and temp dir, stopped by PID at the end (never `ray stop`: it kills every 
     with running_ray_head(num_cpus=2) as head:
         subprocess.run([head.ray, "job", "submit", "--address", head.dashboard_url, ...],
                        env=head.client_env())
+        with running_ray_worker(head, num_cpus=2):  # a node joining later (a cold cluster grows)
+            ...
 
 The head gets a token generated here through `RAY_AUTH_TOKEN` (highest precedence in Ray's token
 lookup), so `~/.ray/auth_token`, which other processes on the host may use, is neither read nor
@@ -65,6 +67,16 @@ def _base_env() -> dict[str, str]:
     environment["RAY_USAGE_STATS_ENABLED"] = "0"  # no network calls from a test cluster
     environment["PYTHONUNBUFFERED"] = "1"
     return environment
+
+
+def _launch(command: list[str], environment: dict[str, str], temp_dir: str) -> tuple[subprocess.Popen, str]:
+    """`ray start ... --block` in its own session (so its whole process group can be stopped),
+    its output in `<temp_dir>/ray-start.log`; returns the process and the log's path."""
+    log_path = os.path.join(temp_dir, "ray-start.log")
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    return process, log_path
 
 
 @dataclass
@@ -228,10 +240,7 @@ def start_ray_head(num_cpus: int = 2, object_store_mb: int = 300, timeout: float
         f"--object-store-memory={object_store_mb << 20}",
         f"--temp-dir={temp_dir}", "--disable-usage-stats",
     ]
-    log_path = os.path.join(temp_dir, "ray-start.log")
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    process, log_path = _launch(command, environment, temp_dir)
     head = RayHead(process, token, f"http://127.0.0.1:{dashboard_port}",
                    f"127.0.0.1:{gcs_port}", temp_dir, log_path, ray_executable)
     try:
@@ -274,6 +283,74 @@ def running_ray_head(**options) -> Iterator[RayHead]:
     finally:
         head.stop()
         shutil.rmtree(head.temp_dir, ignore_errors=True)
+
+
+@dataclass
+class RayWorker:
+    """A worker node joined to a test head, in its own process group, ports and temp dir."""
+
+    process: subprocess.Popen
+    temp_dir: str
+    log_path: str
+    descendants: set[psutil.Process] = field(default_factory=set)
+
+    # The head's process-group teardown, unchanged: it needs only `process`, `descendants` and
+    # `log_path`, which a worker has too.
+    log_tail = RayHead.log_tail
+    remember_descendants = RayHead.remember_descendants
+    leftovers = RayHead.leftovers
+    stop = RayHead.stop
+
+
+def start_ray_worker(head: RayHead, num_cpus: int = 2, object_store_mb: int = 200,
+                     timeout: float = 90.0, extra_env: dict[str, str] | None = None) -> RayWorker:
+    """Join a worker node to `head` (`ray start --address <gcs> --block` with the head's token)
+    and wait until `ray start` says the node is up (jobs see its CPUs in `ray.cluster_resources()`
+    shortly after)."""
+    temp_dir = tempfile.mkdtemp(prefix="rw", dir="/tmp")
+    agent_port, = free_ports(1)
+    environment = _base_env()
+    environment.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": head.token,
+                        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
+    environment.update(extra_env or {})
+    command = [
+        head.ray, "start", f"--address={head.gcs_address}", "--block",
+        "--node-ip-address=127.0.0.1",
+        # 52365 by default, which the head (or another test cluster) may hold.
+        f"--dashboard-agent-listen-port={agent_port}",
+        f"--num-cpus={num_cpus}", "--num-gpus=0",
+        f"--object-store-memory={object_store_mb << 20}",
+        f"--temp-dir={temp_dir}", "--disable-usage-stats",
+    ]
+    process, log_path = _launch(command, environment, temp_dir)
+    worker = RayWorker(process, temp_dir, log_path)
+    try:
+        deadline = time.monotonic() + timeout
+        while STARTED_MESSAGE not in worker.log_tail(100_000):
+            if process.poll() is not None:
+                raise RuntimeError(f"`ray start --address` exited with {process.returncode}:\n"
+                                   f"{worker.log_tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Ray worker node not started after {timeout:.0f} s:\n"
+                                   f"{worker.log_tail()}")
+            time.sleep(0.25)
+    except BaseException:
+        worker.stop()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+    worker.remember_descendants()
+    return worker
+
+
+@contextlib.contextmanager
+def running_ray_worker(head: RayHead, **options) -> Iterator[RayWorker]:
+    """`start_ray_worker(head, **options)`, stopped and its temp dir removed on exit."""
+    worker = start_ray_worker(head, **options)
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        shutil.rmtree(worker.temp_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager

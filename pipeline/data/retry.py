@@ -1,12 +1,14 @@
 """The project's one retry policy for storage reads and writes: transient errors (a throttled or
-timed-out S3 request, a dropped connection, a 5xx, a server briefly down) are retried with
+timed-out S3 or GCS request, a dropped connection, a 5xx, a server briefly down) are retried with
 exponential backoff and full jitter; permanent ones (no such file, access denied, corrupt bytes)
 are not, and the caller skips the record with its reason or fails, as before.
 
 Two layers, on purpose. botocore retries each S3 request itself (`BOTOCORE_RETRIES`, set through
-`storage.storage_options`), which absorbs single 5xx and throttling answers cheaply. What survives
-it (a server down for longer than botocore's few seconds) reaches `call` or `retry_failed` here,
-whose backoff spans at most 51.5 s in all before a record is given up.
+`storage.storage_options`), which absorbs single 5xx and throttling answers cheaply; gcsfs does the
+same for each GCS request (6 tries, waits of about 1, 2, 4, 8 and 16 s, fixed inside gcsfs). What
+survives that (a server down for longer) reaches `call` or `retry_failed` here, whose backoff spans
+at most 51.5 s in all before a record is given up. gcsfs's tries cannot be lowered per filesystem,
+so on GCS the two layers together wait up to about 5.5 minutes (8 x ~35 s + 51.5 s) for a record.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import random
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
@@ -37,6 +40,34 @@ PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
 PERMANENT_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR,
                               errno.EINVAL, errno.ENAMETOOLONG})
 
+# The HTTP errors of the GCS stack, as (module, class, attribute holding the status): gcsfs's own,
+# aiohttp's (gcsfs talks through it) and google-api-core's. Looked up in `sys.modules`, not
+# imported: an error of a library that was never imported cannot occur, and importing the Google
+# stack costs every process that only reads local files a second.
+HTTP_ERRORS = (("gcsfs.retry", "HttpError", "code"),
+               ("aiohttp.client_exceptions", "ClientResponseError", "status"),
+               ("google.api_core.exceptions", "GoogleAPICallError", "code"))
+# The 4xx answers that mean "try again later": request timeout, too many requests. Every other 4xx
+# (bad request, unauthorized, forbidden, not found, precondition failed...) repeats on a retry;
+# every 5xx is the server's passing trouble.
+TRANSIENT_CLIENT_STATUSES = frozenset({408, 429})
+
+
+def _loaded_class(module: str, name: str) -> type | None:
+    return getattr(sys.modules.get(module), name, None)
+
+
+def http_status(error: BaseException) -> int | None:
+    """The HTTP status a GCS-stack error carries, or None for any other error."""
+    for module, name, attribute in HTTP_ERRORS:
+        kind = _loaded_class(module, name)
+        if kind is not None and isinstance(error, kind):
+            status = getattr(error, attribute, None)
+            if isinstance(status, str) and status.isdigit():
+                status = int(status)
+            return status if isinstance(status, int) else None
+    return None
+
 
 def is_transient(error: BaseException) -> bool:
     """Whether retrying the same request may succeed.
@@ -47,6 +78,18 @@ def is_transient(error: BaseException) -> bool:
         return False
     if isinstance(error, OSError) and error.errno in PERMANENT_ERRNOS:
         return False
+    # gcsfs answers a 403 with a bare OSError("Forbidden: <path>...") that has no errno
+    # (`validate_response` in fsspec/gcsfs, gcsfs/retry.py).
+    if isinstance(error, OSError) and error.errno is None and str(error).startswith("Forbidden"):
+        return False
+    # No usable Google credentials at all (none found, or a malformed key file): a configuration
+    # error. Other auth errors (a token refresh that timed out at the metadata server) may pass.
+    no_credentials = _loaded_class("google.auth.exceptions", "DefaultCredentialsError")
+    if no_credentials is not None and isinstance(error, no_credentials):
+        return False
+    status = http_status(error)
+    if status is not None and 400 <= status < 500:
+        return status in TRANSIENT_CLIENT_STATUSES
     return isinstance(error, Exception)
 
 

@@ -1,7 +1,10 @@
-"""Local paths and s3:// URIs behind one small interface (fsspec / s3fs underneath).
+"""Local paths, s3:// and gs:// URIs behind one small interface (fsspec: s3fs, gcsfs underneath).
 
 The S3 endpoint comes from `AWS_ENDPOINT_URL` (the AWS SDKs' own variable) so the same command
 runs against AWS, MinIO or a loopback test server; credentials come from the usual AWS chain.
+GCS credentials are Google's Application Default Credentials (`GOOGLE_APPLICATION_CREDENTIALS`, the
+gcloud ADC file, or the metadata server: a VM's service account, GKE workload identity); only when
+`STORAGE_EMULATOR_HOST` names a GCS emulator are requests sent there, unauthenticated.
 """
 
 from __future__ import annotations
@@ -22,29 +25,80 @@ from fsspec.core import url_to_fs
 from pipeline.data import retry
 
 
+# The object stores this module configures: URI scheme -> store. Every other "<scheme>://" URI is
+# still remote (fsspec serves it with its defaults); a plain path or file:// is local.
+OBJECT_STORES = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+# Where a GCS emulator listens ("127.0.0.1:9023" or a URL); the variable gcsfs and Google's client
+# libraries read. Set, it also makes requests unauthenticated: an emulator takes no credentials.
+GCS_EMULATOR_VARIABLE = "STORAGE_EMULATOR_HOST"
+
+
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+def object_store(uri: str) -> str | None:
+    """The object store of `uri` ("s3" or "gcs") when this module configures it, else None."""
+    scheme, separator, _ = uri.partition("://")
+    return OBJECT_STORES.get(scheme.lower()) if separator else None
+
+
+def gcs_emulator() -> str | None:
+    """The GCS emulator's URL from `STORAGE_EMULATOR_HOST`, or None (the real GCS)."""
+    host = os.environ.get(GCS_EMULATOR_VARIABLE, "")
+    if host in ("", "default"):  # gcsfs reads "default" as unset too
+        return None
+    return host if host.startswith(("http://", "https://")) else f"http://{host}"
+
+
 def storage_options(uri: str) -> dict[str, Any]:
     """fsspec options for `uri`: for s3 the endpoint override, no listing cache, and botocore's
-    per-request retries of the project's policy (`retry.BOTOCORE_RETRIES`).
+    per-request retries of the project's policy (`retry.BOTOCORE_RETRIES`); for gs no listing
+    cache and the credentials (see `gcs_options`).
 
     The listing cache is off because jobs list folders they have just written (re-runs, manifest
     clean-up) and a stale listing would hide or resurrect files.
     """
-    if uri.startswith(("s3://", "s3a://")):
+    store = object_store(uri)
+    if store == "s3":
         options: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": True,
                                    "config_kwargs": {"retries": dict(retry.BOTOCORE_RETRIES)}}
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             options["client_kwargs"] = {"endpoint_url": endpoint}
         return options
+    if store == "gcs":
+        return gcs_options()
     return {}
+
+
+def gcs_options() -> dict[str, Any]:
+    """gcsfs options: Application Default Credentials ("google_default": a missing credential is
+    an error at once, where gcsfs's own default would quietly go on unauthenticated), or, only
+    with `STORAGE_EMULATOR_HOST` set, that emulator without credentials.
+
+    The instance cache stays on (unlike s3's): an instance resolves its credentials and fetches
+    its token once, instead of at every storage call; its options name the endpoint, so an
+    instance for another emulator or for the real GCS is never reused."""
+    options: dict[str, Any] = {"use_listings_cache": False}
+    emulator = gcs_emulator()
+    if emulator:
+        options.update(endpoint_url=emulator, token="anon")
+    else:
+        options["token"] = "google_default"
+    return options
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem holding `uri` and the path inside it."""
+    if object_store(uri) == "gcs":
+        # gcsfs's JSON-API filesystem by name: the class that `gs://` resolves to by default
+        # (gcsfs's "extended" one) first asks a gRPC control API for each bucket's layout, which
+        # no JSON-API emulator answers (each call stalled up to a minute), so the tested class is used.
+        from gcsfs.core import GCSFileSystem
+
+        fs = GCSFileSystem(**storage_options(uri))
+        return fs, fs._strip_protocol(uri)
     fs, path = url_to_fs(uri, **storage_options(uri))
     return fs, path
 
@@ -98,7 +152,8 @@ def read_text(uri: str, encoding: str = "utf-8") -> str:
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write a whole file so that readers see either the old or the new content, never a part.
 
-    Local: temp file + rename. S3: a single PUT is already atomic.
+    Local: temp file + rename. S3 and GCS: a single upload is already atomic (an object appears
+    whole when its upload completes, replacing any older one; an unfinished one is never visible).
     """
     fs, path = filesystem(uri)
     parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
@@ -139,7 +194,7 @@ class ChecksumWriter:
 
     Checksumming on the way out avoids reading every shard back; pyarrow writes through it.
     A `durable` (local) file is fsynced on close: a manifest written after its parts must not
-    outlive them in a power loss. An S3 object is durable once its upload completes on close.
+    outlive them in a power loss. An S3 or GCS object is durable once its upload completes on close.
     """
 
     def __init__(self, handle, durable: bool = False) -> None:

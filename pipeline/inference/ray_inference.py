@@ -79,6 +79,9 @@ def wait_for_pool(settings: InferenceConfig, can_grow: bool,
                 print(f"[predict] waiting for the autoscaler: {shortfall}", flush=True)
                 announced = clock() + 60.0
             sleep(poll_seconds)
+            # The autoscaler keeps one request per cluster, the latest: another job that has its
+            # nodes clears it (as this one does below), so it is renewed at every poll.
+            (request or _request_resources)(bundles)
             current = resources()
     finally:
         (request or _request_resources)([])  # the pool's actors hold the nodes from here on

@@ -5,6 +5,7 @@ readers' batched file reads go through it."""
 from __future__ import annotations
 
 import errno
+import json
 import random
 
 import pytest
@@ -45,6 +46,83 @@ def failing(errors: list[BaseException], value="ok"):
 ])
 def test_transient_and_permanent_errors(error, transient):
     assert retry.is_transient(error) is transient
+
+
+def gcs_error(status: int, message: str = "") -> Exception:
+    """The exception gcsfs itself raises for a GCS JSON-API answer of `status` (its own
+    `validate_response`, so a change in how gcsfs maps statuses shows up here)."""
+    from gcsfs.retry import validate_response
+
+    body = json.dumps({"error": {"code": status, "message": message}}).encode()
+    with pytest.raises(Exception) as caught:
+        validate_response(status, body, "b/{}/o/{}", args=("bucket", "frames/00001.jpg"))
+    return caught.value
+
+
+@pytest.mark.parametrize("status, message, transient", [
+    (408, "Request Timeout", True),
+    (429, "The rate of change requests to the object is too high", True),
+    (500, "Internal Error", True),
+    (502, "Bad Gateway", True),  # gcsfs raises requests' ProxyError for it
+    (503, "Service Unavailable", True),
+    (504, "Gateway Timeout", True),
+    (400, "Bad Request", False),
+    (401, "Anonymous caller does not have storage.objects.get access", False),
+    (403, "caller does not have storage.objects.get access", False),  # a bare OSError, no errno
+    (404, "No such object", False),
+    (409, "Conflict", False),
+    (412, "Precondition Failed", False),
+])
+def test_gcs_answers_transient_and_permanent(status, message, transient):
+    assert retry.is_transient(gcs_error(status, message)) is transient
+
+
+def gcs_stack_errors():
+    """Errors the GCS client stack raises besides gcsfs's own answers, with whether a retry may
+    help: aiohttp's connection and response errors, fsspec's timeout, google-auth's and
+    google-api-core's errors."""
+    import aiohttp
+    from fsspec.exceptions import FSTimeoutError
+    from google.api_core import exceptions as api_errors
+    from google.auth import exceptions as auth_errors
+
+    def answer(status):
+        return aiohttp.ClientResponseError(request_info=None, history=(), status=status, message="x")
+
+    return [
+        (aiohttp.ServerDisconnectedError(), True),
+        (aiohttp.ClientOSError(errno.ECONNRESET, "Connection reset by peer"), True),
+        (aiohttp.ClientOSError(errno.ECONNREFUSED, "Connection refused"), True),
+        (aiohttp.ClientPayloadError("Response payload is not completed"), True),
+        (FSTimeoutError(), True),
+        (answer(503), True),
+        (answer(429), True),
+        (answer(404), False),
+        (answer(403), False),
+        (api_errors.ServiceUnavailable("unavailable"), True),
+        (api_errors.TooManyRequests("slow down"), True),
+        (api_errors.NotFound("no such bucket"), False),
+        (api_errors.Forbidden("denied"), False),
+        (auth_errors.RefreshError("metadata server timed out"), True),
+        (auth_errors.DefaultCredentialsError("default credentials were not found"), False),
+    ]
+
+
+def test_gcs_client_stack_errors_transient_and_permanent():
+    errors = gcs_stack_errors()
+    assert [retry.is_transient(error) for error, _ in errors] == [transient for _, transient in errors]
+
+
+def test_call_retries_gcs_server_trouble_but_never_a_forbidden_object():
+    sleeps = Sleeps()
+    function = failing([gcs_error(503), gcs_error(429), gcs_error(502)])
+    assert retry.call(function, "test", retry.RetryPolicy(attempts=5), sleep=sleeps) == "ok"
+    assert len(function.calls) == 4 and len(sleeps) == 3
+    sleeps = Sleeps()
+    function = failing([gcs_error(403, "denied")])
+    with pytest.raises(OSError, match="Forbidden"):
+        retry.call(function, "test", sleep=sleeps)
+    assert len(function.calls) == 1 and sleeps == []
 
 
 def test_call_retries_transient_errors_until_it_succeeds():

@@ -520,8 +520,9 @@ def test_a_pool_on_a_cluster_scaled_to_zero_asks_the_autoscaler_and_waits():
     resolved = wait(cluster, True, actors=2, cpus_per_actor=1.0, device="cuda", gpus_per_actor=0.5)
     assert (resolved.device, resolved.gpus_per_actor) == ("cuda", 0.5)
     assert cluster.polls == 4 and cluster.now == 15.0
-    # The pool's bundles (plus a CPU for the reads) are requested, then the request is cleared.
-    assert cluster.requests == [[{"CPU": 1.0, "GPU": 0.5}] * 2 + [{"CPU": 1.0}], []]
+    # The pool's bundles (plus a CPU for the reads) are requested, renewed at every poll (another
+    # job may have cleared the cluster's one request), then cleared.
+    assert cluster.requests == [[{"CPU": 1.0, "GPU": 0.5}] * 2 + [{"CPU": 1.0}]] * 4 + [[]]
 
     never = ScriptedCluster(nodes_after=None)
     with pytest.raises(ConfigError, match=r"waited 60 s for the autoscaler .* 2 GPUs, the cluster has 0"):
