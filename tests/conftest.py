@@ -93,6 +93,10 @@ def pytest_configure(config):
     """Under pytest-xdist, one torch thread per test process (and per process it starts): two
     workers of two threads each, plus the Ray workers of the Ray group, on 2 cores is
     oversubscription, and the Ray group, the suite's long pole, pays for it."""
+    # Ray Data 2.60 reads Parquet footers with up to 32 actors per read, each a Python process:
+    # on 2 cores that start-up dominates the tests' small reads (one inference job: about 100 s
+    # against 26 s with one). Set before any local Ray starts, so its workers and jobs inherit it.
+    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
     if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ["OMP_NUM_THREADS"] = "1"
         import torch

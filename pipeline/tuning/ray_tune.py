@@ -101,8 +101,21 @@ class TrialReportCallback(TuneReportCallback):
                    if int(record["epoch"]) <= epoch]
         forwarded: dict[str, Any] = dict(trial_metrics(history))
         if checkpoint:
-            forwarded[CHECKPOINT_PATH_KEY] = checkpoint.path
+            forwarded[CHECKPOINT_PATH_KEY] = checkpoint_uri(checkpoint)
         self._training_actor_item_queue.put(forwarded)
+
+
+REMOTE_SCHEMES = {"s3": "s3", "gcs": "gs"}
+"""pyarrow filesystem type -> the URI scheme `storage` opens."""
+
+
+def checkpoint_uri(checkpoint: Any) -> str:
+    """A Ray checkpoint's location as a URI `storage` opens: Ray gives the path inside its
+    filesystem, which for S3 or GCS lacks the scheme (`bucket/...`), and read as a local path it
+    would find nothing (the report and the temporal refine would miss the trial's checkpoints)."""
+    scheme = REMOTE_SCHEMES.get(checkpoint.filesystem.type_name)
+    path = checkpoint.path
+    return f"{scheme}://{path}" if scheme and "://" not in path else path
 
 
 class TuneReporter:

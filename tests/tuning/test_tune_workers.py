@@ -63,3 +63,20 @@ def test_worker_trials_report_and_leave_no_placement_group(ray_with_dashboard, t
     assert left == []
     summary = report.write_report(search.experiment)
     assert summary["complete"] == 2 and summary["best_report_macro_f1"] is not None
+
+
+def test_a_checkpoint_on_an_object_store_is_reported_with_its_scheme(tmp_path):
+    """Ray's checkpoint path inside S3 or GCS is `bucket/...`: reported as is, the report and the
+    temporal refine would look for it on local disk and find nothing."""
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    from pipeline.tuning.ray_tune import checkpoint_uri
+
+    on_s3 = Checkpoint("bucket/experiment/train/checkpoint_0001",
+                       filesystem=pyarrow.fs.S3FileSystem(anonymous=True, region="us-east-1"))
+    assert checkpoint_uri(on_s3) == "s3://bucket/experiment/train/checkpoint_0001"
+    on_gcs = Checkpoint("bucket/experiment/checkpoint_0001", filesystem=pyarrow.fs.GcsFileSystem(anonymous=True))
+    assert checkpoint_uri(on_gcs) == "gs://bucket/experiment/checkpoint_0001"
+    local = Checkpoint(str(tmp_path), filesystem=pyarrow.fs.LocalFileSystem())
+    assert checkpoint_uri(local) == str(tmp_path)
