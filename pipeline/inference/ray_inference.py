@@ -65,7 +65,8 @@ def wait_for_pool(settings: InferenceConfig, can_grow: bool,
     bundles = ([{"CPU": resolved.cpus_per_actor, "GPU": resolved.gpus_per_actor}
                 if resolved.gpus_per_actor else {"CPU": resolved.cpus_per_actor}] * resolved.actors
                + [{"CPU": 1.0}])
-    (request or _request_resources)(bundles)
+    request = request or _request_resources
+    request(bundles)
     deadline = clock() + resolved.resource_wait_seconds
     announced = 0.0
     try:
@@ -81,10 +82,10 @@ def wait_for_pool(settings: InferenceConfig, can_grow: bool,
             sleep(poll_seconds)
             # The autoscaler keeps one request per cluster, the latest: another job that has its
             # nodes clears it (as this one does below), so it is renewed at every poll.
-            (request or _request_resources)(bundles)
+            request(bundles)
             current = resources()
     finally:
-        (request or _request_resources)([])  # the pool's actors hold the nodes from here on
+        request([])  # the pool's actors hold the nodes from here on
     return resolved
 
 

@@ -4,10 +4,10 @@ validation set and on its two halves.
 Frames labeled -1 are predicted (they give the smoothing window its context) and left out of the
 metric, as the ABAW protocol does. A frame whose image does not decode is left out of `macro_f1`;
 `all_annotated` scores it too, as the official scorer does (every annotated frame counts), with the
-label the test submission would give it (`core.frame_filling`). The validation videos are split, by video and with a fixed seed,
-into a selection half and a report half: choices (the best epoch, a default, a searched setting)
-are made on the selection half and reported on the other, so a reported figure is not the one the
-choice was made on.
+label the test submission would give it (`core.frame_filling`). The validation videos are split, by
+video and with a fixed seed, into a selection half and a report half: choices (the best epoch, a
+default, a searched setting) are made on the selection half and reported on the other, so a
+reported figure is not the one the choice was made on.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def all_annotated(table: ImageTable, predictions: np.ndarray, undecoded: np.ndar
         decoded = ~undecoded
         in_video = np.array([bool(video) for video in table.videos], dtype=bool)
         wanted = np.flatnonzero(undecoded & in_video)
-        labels, report = frame_filling.fill_labels(
+        labels, _ = frame_filling.fill_labels(
             np.asarray(table.videos)[decoded & in_video], np.asarray(table.frames)[decoded & in_video],
             predictions[decoded & in_video],
             [(table.videos[index], int(table.frames[index])) for index in wanted.tolist()])
